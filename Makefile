@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make run` (set up + pipeline) and `make test` (set up + tests).
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+# CUDA torch where a GPU is present, the CPU build otherwise.
+TORCH_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+# The offline copies of the official files, tried first by the fetch stage when that folder exists.
+SHARED_DATASETS := $(abspath ../shared/datasets)
+export DATASET_MIRROR ?= $(if $(wildcard $(SHARED_DATASETS)),$(SHARED_DATASETS)/{dataset})
+# DVC stages call `python`: the project's environment.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
+HOST ?= 127.0.0.1
+
+.PHONY: setup run test ui clean
+
+setup: $(VENV)/.installed
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.installed: $(UV) uv.lock pyproject.toml
+	$(UV) sync --frozen --extra $(TORCH_EXTRA) --python $(PYTHON)
+	touch $@
+
+run: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/pytest
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --host $(HOST) --port 5000
+
+clean:
+	rm -rf $(VENV) $(TOOLS)

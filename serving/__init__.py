@@ -1,0 +1,1 @@
+"""The BentoML service for the exported champion (see the serving issue)."""

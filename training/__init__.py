@@ -1,0 +1,1 @@
+"""Data, models, training, evaluation and tracking code behind the DVC pipeline stages."""

@@ -1,0 +1,146 @@
+"""Parse the source files (idx or CSV), split them, and store the prepared uint8 arrays."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.datasets import IMAGE_SHAPE, NUM_PIXELS
+
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+SPLITS = ("train", "val", "test")
+
+
+class DataFormatError(ValueError):
+    """A source file is corrupt, truncated or not in the expected layout; the message names it."""
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise DataFormatError(f"{path}: corrupt or truncated gzip data ({exc})") from exc
+
+
+def read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """An idx file (optionally gzipped) as a uint8 array, checking magic number and sizes."""
+    data = _read_maybe_gzip(Path(path))
+    if len(data) < 8:
+        raise DataFormatError(f"{path}: {len(data)} bytes is too short for an idx header")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != expected_magic:
+        raise DataFormatError(f"{path}: magic number {magic}, expected {expected_magic}")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataFormatError(f"{path}: truncated header ({len(data)} bytes, {ndim} dimensions)")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected_len = header + int(np.prod(shape))
+    if len(data) != expected_len:
+        raise DataFormatError(
+            f"{path}: header says shape {shape} ({expected_len} bytes) but the file has {len(data)} bytes"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_idx_pair(images_path: Path, labels_path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx(images_path, IDX_IMAGES_MAGIC)
+    labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+    if images.shape[1:] != IMAGE_SHAPE[1:]:
+        raise DataFormatError(f"{images_path}: images are {images.shape[1:]}, expected {IMAGE_SHAPE[1:]}")
+    if len(images) != len(labels):
+        raise DataFormatError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    _check_labels(labels, num_classes, labels_path)
+    return images.reshape(-1, *IMAGE_SHAPE), labels
+
+
+def load_csv(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CSV in the course layout: a header `label,pixel1..pixel784` (or pixel0..783), one image per row."""
+    path = Path(path)
+    with open(path) as f:
+        header = f.readline().strip().split(",")
+    first_pixel = header[1] if len(header) > 1 else ""
+    expected = ["label"] + [f"pixel{i}" for i in range(1, NUM_PIXELS + 1)]
+    expected0 = ["label"] + [f"pixel{i}" for i in range(NUM_PIXELS)]
+    if header not in (expected, expected0):
+        raise DataFormatError(
+            f"{path}: header must be label,pixel1..pixel{NUM_PIXELS} or label,pixel0..pixel{NUM_PIXELS - 1}; "
+            f"got {len(header)} columns starting {header[:2]} (first pixel column {first_pixel!r})"
+        )
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
+    except ValueError as exc:
+        raise DataFormatError(f"{path}: {exc}") from exc
+    if table.shape[1] != NUM_PIXELS + 1:
+        raise DataFormatError(f"{path}: rows have {table.shape[1]} columns, expected {NUM_PIXELS + 1}")
+    pixels = table[:, 1:]
+    if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255:
+        raise DataFormatError(f"{path}: pixel values must be integers 0-255")
+    _check_labels(table[:, 0], num_classes, path)
+    return pixels.astype(np.uint8).reshape(-1, *IMAGE_SHAPE), table[:, 0].astype(np.uint8)
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise DataFormatError(f"{path}: label {int(labels.max())} is outside 0..{num_classes - 1}")
+
+
+def stratified_split(labels: np.ndarray, size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (rest, chosen): `size` images (a count, or a fraction when < 1) with the class mix of `labels`."""
+    n = len(labels)
+    count = round(size * n) if isinstance(size, float) and size < 1 else int(size)
+    if not 0 <= count <= n:
+        raise ValueError(f"cannot take {size} of {n} images")
+    rng = np.random.default_rng(seed)
+    classes, class_counts = np.unique(labels, return_counts=True)
+    # largest-remainder allocation so the per-class counts add up to exactly `count`
+    quota = class_counts * count / n
+    take = np.floor(quota).astype(int)
+    take[np.argsort(-(quota - take), kind="stable")[: count - take.sum()]] += 1
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    chosen_idx = np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=int)
+    rest_idx = np.setdiff1d(np.arange(n), chosen_idx)
+    return rest_idx, chosen_idx
+
+
+@dataclass
+class Prepared:
+    """The arrays every later stage reads: uint8 images [N,1,28,28] and labels per split."""
+
+    arrays: dict[str, np.ndarray]
+
+    def images(self, split: str) -> np.ndarray:
+        return self.arrays[f"x_{split}"]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.arrays[f"y_{split}"]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **self.arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Prepared":
+        with np.load(path, allow_pickle=False) as f:
+            return cls({k: f[k] for k in f.files})
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for key in sorted(self.arrays):
+            h.update(key.encode())
+            h.update(np.ascontiguousarray(self.arrays[key]).tobytes())
+        return h.hexdigest()
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
+    return np.bincount(labels, minlength=num_classes).tolist()

@@ -1,0 +1,149 @@
+"""The model zoo: the course's MLPs and CNNs, each a named builder with its own options.
+
+Every model starts with `Normalize`, so it takes raw pixels (uint8 or float, 0-255) of shape
+[N,1,28,28]: the preprocessing lives inside the network and travels with it to MLflow and ONNX.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from training.datasets import IMAGE_SHAPE, NUM_PIXELS
+
+NUM_CLASSES = 10
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.01),
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+INITS = ("he", "xavier", "zeros")
+
+
+class Normalize(nn.Module):
+    """Raw pixels 0-255 to standardised floats, with the training set's mean and std."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255.0 - self.mean) / self.std
+
+
+def _act(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def _conv_bn_act(c_in: int, c_out: int, activation: str, batch_norm: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(c_out))
+    return layers + [_act(activation)]
+
+
+def mlp_linear(hidden: int, **_) -> nn.Sequential:
+    """784 -> hidden -> 10 with no activation: a linear model however many layers it has."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(NUM_PIXELS, hidden), nn.Linear(hidden, NUM_CLASSES))
+
+
+def mlp(hidden: list[int], activation: str = "relu", dropout: float = 0.0, batch_norm: bool = False, **_):
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = NUM_PIXELS
+    for h in hidden:
+        layers.append(nn.Linear(width, h, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(h))
+        layers.append(_act(activation))
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, NUM_CLASSES))
+
+
+def cnn_basic(activation: str = "relu", batch_norm: bool = False, dropout: float = 0.0, **_):
+    """The course's first CNN: (conv-act-maxpool) x2, then a 128-unit dense layer."""
+    return nn.Sequential(
+        *_conv_bn_act(1, 32, activation, batch_norm), nn.MaxPool2d(2),
+        *_conv_bn_act(32, 64, activation, batch_norm), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), _act(activation), nn.Dropout(dropout),
+        nn.Linear(128, NUM_CLASSES),
+    )
+
+
+def cnn_deep(
+    widths: list[int],
+    dense: int,
+    activation: str = "relu",
+    batch_norm: bool = True,
+    dropout: float = 0.25,
+    dense_dropout: float = 0.5,
+    global_pool: bool = False,
+    **_,
+):
+    """The course's "complex" CNNs: blocks of two convs + batch norm, max-pool and dropout."""
+    layers: list[nn.Module] = []
+    c_in, size = IMAGE_SHAPE[0], IMAGE_SHAPE[1]
+    for width in widths:
+        layers += _conv_bn_act(c_in, width, activation, batch_norm)
+        layers += _conv_bn_act(width, width, activation, batch_norm)
+        layers += [nn.MaxPool2d(2), nn.Dropout(dropout)]
+        c_in, size = width, size // 2
+    if global_pool:
+        layers += [nn.AdaptiveAvgPool2d(1)]
+        size = 1
+    layers += [nn.Flatten(), nn.Linear(c_in * size * size, dense, bias=not batch_norm)]
+    if batch_norm:
+        layers.append(nn.BatchNorm1d(dense))
+    layers += [_act(activation), nn.Dropout(dense_dropout), nn.Linear(dense, NUM_CLASSES)]
+    return nn.Sequential(*layers)
+
+
+# name -> (builder, the architecture's fixed shape); params.yaml adds the tunable options
+ZOO: dict[str, tuple[Callable[..., nn.Module], dict]] = {
+    "mlp_linear_1": (mlp_linear, {"hidden": 1}),
+    "mlp_linear_10": (mlp_linear, {"hidden": 10}),
+    "mlp_relu_10": (mlp, {"hidden": [10]}),
+    "mlp_512": (mlp, {"hidden": [512, 512], "dropout": 0.2}),
+    "cnn_basic": (cnn_basic, {}),
+    "cnn_deep_a": (cnn_deep, {"widths": [32, 64], "dense": 512}),
+    "cnn_deep_b": (cnn_deep, {"widths": [32, 64, 128], "dense": 256, "global_pool": False}),
+}
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """He (default), Xavier or zeros; zeros makes every unit identical, so the net cannot learn."""
+    if scheme not in INITS:
+        raise ValueError(f"unknown init {scheme!r}; choose one of {list(INITS)}")
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if scheme == "he":
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            elif scheme == "xavier":
+                nn.init.xavier_uniform_(module.weight)
+            else:
+                nn.init.zeros_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def build_model(name: str, options: dict | None = None, mean: float = 0.0, std: float = 1.0) -> nn.Sequential:
+    """A zoo model with its options (activation, init, dropout, batch_norm) applied."""
+    if name not in ZOO:
+        raise ValueError(f"unknown model {name!r}; the zoo has {sorted(ZOO)}")
+    builder, shape = ZOO[name]
+    options = dict(options or {})
+    init = options.pop("init", "he")
+    net = builder(**{**shape, **options})
+    init_weights(net, init)
+    return nn.Sequential(Normalize(mean, std), *net)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,86 @@
+"""MLflow conventions: where runs go, what every run is tagged with, how params are flattened."""
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+
+# `dvc exp run --temp/--queue` runs each experiment in a copy of the repo under this folder
+DVC_EXPERIMENT_TEMP = "/.dvc/tmp/exps/"
+
+
+def repo_root() -> Path:
+    """The user's repository, also from inside the temp copy an experiment runs in."""
+    here = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve().as_posix()
+    return Path(here.split(DVC_EXPERIMENT_TEMP)[0])
+
+
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI (a remote server) when set, else a SQLite store at the repo root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def setup(experiment: str) -> str:
+    """Point MLflow at the store and make sure the experiment exists; return its id."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        experiment_id = found.experiment_id
+    else:
+        # a local store keeps artifacts beside the database, so `make ui` can show them
+        location = (repo_root() / "mlartifacts" / experiment).as_uri() if uri.startswith("sqlite:") else None
+        try:
+            experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(dataset_sha256: str) -> dict[str, str]:
+    return {
+        "git.commit": git_commit(),
+        "dvc.stage": os.environ.get("DVC_STAGE", "none"),
+        "dvc.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "dataset.sha256": dataset_sha256,
+    }
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    """Nested params as MLflow wants them: dotted keys, string values."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+@contextmanager
+def start_run(**kwargs):
+    """mlflow.start_run that marks an interrupted run KILLED and a crashed one FAILED, never RUNNING."""
+    run = mlflow.start_run(**kwargs)
+    try:
+        yield run
+    except (KeyboardInterrupt, SystemExit):
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")

@@ -1,0 +1,203 @@
+"""The training loop: seeded, device-agnostic, with early stopping that restores the best weights."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training.augment import augment_batch
+from training.evaluation import loss_and_accuracy, predict_logits
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "sgd_momentum", "adagrad", "adam", "adamw")
+SCHEDULES = ("none", "cosine", "onecycle")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "none"
+    label_smoothing: float = 0.0
+    patience: int = 0  # epochs without validation improvement before stopping; 0 = never stop early
+    min_delta: float = 0.0
+    translate: int = 0  # random translation, in pixels
+    hflip: bool = False  # only honoured where the dataset allows it
+    amp: bool = True  # bf16 autocast, on CUDA only
+    channels_last: bool = True
+    device: str = "auto"
+    seed: int = 42
+    verbose: str | int = "auto"  # 0 silent, 1 progress bar, 2 one line per epoch; auto: bar on a terminal
+    eval_batch_size: int = 1024
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown train params {sorted(unknown)}; known: {sorted(known)}")
+        config = cls(**values)
+        if config.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {list(OPTIMIZERS)}")
+        if config.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {list(SCHEDULES)}")
+        return config
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # with the best weights restored
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("train.device asks for CUDA but no CUDA device is available")
+    return torch.device(name)
+
+
+def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    wd = config.weight_decay
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=wd)
+    if config.optimizer == "sgd_momentum":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=wd)
+    if config.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=config.lr, weight_decay=wd)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=wd)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=wd)
+
+
+def make_scheduler(config: TrainConfig, optimizer, total_steps: int):
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps)
+    return None
+
+
+def _verbosity(verbose: str | int) -> int:
+    if verbose == "auto":
+        return 1 if sys.stderr.isatty() else 2
+    return int(verbose)
+
+
+def train(
+    model: torch.nn.Module,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    config: TrainConfig,
+    on_epoch_end: Callable[[dict], None] | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train on uint8 images; keep the weights of the epoch with the best validation accuracy."""
+    device = resolve_device(config.device)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    x_train, y_train = x_train.to(device), y_train.to(device).long()
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    optimizer = make_optimizer(config, model.parameters())
+    steps_per_epoch = max(1, math.ceil(len(x_train) / config.batch_size))
+    scheduler = make_scheduler(config, optimizer, config.epochs * steps_per_epoch)
+    use_amp = config.amp and device.type == "cuda"
+    verbosity = _verbosity(config.verbose)
+
+    result = TrainResult(model=model)
+    best_accuracy, best_state, waited = -math.inf, None, 0
+    seen_images, started = 0, time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        epoch_start = time.perf_counter()
+        order = torch.randperm(len(x_train), generator=generator, device=device)
+        loss_sum, correct, count = 0.0, 0, 0
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"{desc} epoch {epoch}/{config.epochs}",
+            disable=verbosity != 1, leave=False, unit="batch", file=sys.stderr,
+        )
+        for step in bar:
+            idx = order[step * config.batch_size: (step + 1) * config.batch_size]
+            images = augment_batch(x_train[idx], generator, config.translate, config.hflip)
+            images = images.contiguous(memory_format=memory_format)
+            labels = y_train[idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            count += len(labels)
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}")
+        bar.close()
+        seen_images += count
+        val_loss, val_accuracy = loss_and_accuracy(
+            predict_logits(model, x_val, config.eval_batch_size), y_val.long()
+        )
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / count,
+            "train_accuracy": correct / count,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - epoch_start,
+        }
+        result.history.append(record)
+        if verbosity:
+            print(
+                f"{desc} epoch {epoch}/{config.epochs} - {record['seconds']:.1f}s - "
+                f"loss {record['train_loss']:.4f} - acc {record['train_accuracy']:.4f} - "
+                f"val_loss {val_loss:.4f} - val_acc {val_accuracy:.4f}",
+                file=sys.stderr, flush=True,
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+        if val_accuracy > best_accuracy + config.min_delta:
+            best_accuracy, result.best_epoch, waited = val_accuracy, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            waited += 1
+            if config.patience and waited >= config.patience:
+                result.stopped_early = True
+                log.info("%s: early stop after epoch %d; best was epoch %d", desc, epoch, result.best_epoch)
+                break
+    result.train_seconds = time.perf_counter() - started
+    result.images_per_second = seen_images / result.train_seconds if result.train_seconds else 0.0
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result
