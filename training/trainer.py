@@ -100,7 +100,10 @@ def make_scheduler(config: TrainConfig, optimizer, total_steps: int):
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps)
+        # cycle momentum only where the optimizer has some: it would turn plain SGD into momentum SGD
+        has_momentum = "betas" in optimizer.defaults or optimizer.defaults.get("momentum", 0) > 0
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=total_steps, cycle_momentum=has_momentum)
     return None
 
 

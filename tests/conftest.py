@@ -1,0 +1,55 @@
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = Path(os.environ.get("SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int, compress: bool = True) -> Path:
+    """An idx file as the official ones are laid out: big-endian magic, sizes, then uint8 data."""
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def copy_repo(dest: Path) -> Path:
+    """A git copy of the repo's files (as a clean clone would have them), without pipeline outputs."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    for generated in ("dvc.lock", "champion.json"):
+        (dest / generated).unlink(missing_ok=True)
+    for generated in ("metrics", "plots", "reports"):
+        shutil.rmtree(dest / generated, ignore_errors=True)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def require_shared_datasets() -> Path:
+    if not (SHARED_DATASETS / "fashion-mnist").is_dir():
+        pytest.skip(f"the offline dataset copies are not at {SHARED_DATASETS}")
+    return SHARED_DATASETS
+
+
+@pytest.fixture
+def shared_datasets() -> Path:
+    return require_shared_datasets()

@@ -1,0 +1,176 @@
+"""The fetch stage's download logic, against local folders and HTTP servers on loopback."""
+import http.server
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import sha256
+from training.datasets import DatasetSpec, get_spec
+from training.fetch import FetchError, fetch_dataset, fetch_file, resolve_sources
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        behaviour = self.server.behaviour.pop(0) if self.server.behaviour else "serve"
+        if behaviour == "503":
+            self.send_error(503)
+        elif behaviour == "truncate":  # promise the whole file, send half, hang up
+            data = Path(self.translate_path(self.path)).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+        else:
+            super().do_GET()
+
+
+@pytest.fixture
+def http_server():
+    servers = []
+
+    def start(folder: Path, behaviour=()):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(folder)))
+        server.requests, server.behaviour = [], list(behaviour)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server, f"http://127.0.0.1:{server.server_port}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def source(tmp_path) -> tuple[Path, str, str]:
+    """A folder with one small file; returns (folder, name, sha256)."""
+    folder = tmp_path / "source"
+    folder.mkdir()
+    path = folder / "file.gz"
+    path.write_bytes(bytes(range(256)) * 4000)
+    return folder, path.name, sha256(path)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_fetches_from_a_local_mirror_folder(tmp_path, source):
+    folder, name, digest = source
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    path = fetch_file(name, digest, dest, [str(folder)], progress=False)
+    assert sha256(path) == digest
+    assert _leftovers(dest) == [name]
+
+
+def test_fetches_from_a_base_url_over_http(tmp_path, source, http_server):
+    folder, name, digest = source
+    server, url = http_server(folder)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    fetch_file(name, digest, dest, [url], progress=False)
+    assert sha256(dest / name) == digest
+    assert server.requests == [f"/{name}"]
+
+
+def test_checksum_mismatch_raises_and_leaves_no_file(tmp_path, source):
+    folder, name, _ = source
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    with pytest.raises(FetchError, match="sha256 mismatch"):
+        fetch_file(name, "0" * 64, dest, [str(folder)], progress=False)
+    assert _leftovers(dest) == []
+
+
+def test_mirror_is_tried_first_then_the_official_urls(tmp_path, source, http_server):
+    folder, name, digest = source
+    empty = tmp_path / "empty-mirror"
+    empty.mkdir()
+    spec = DatasetSpec("toy", urls=("http://official.invalid/",), sha256={name: digest}, class_names=("a",),
+                       hflip_ok=False)
+    assert resolve_sources(spec, str(empty)) == [str(empty), "http://official.invalid/"]
+    assert resolve_sources(spec, "/data/{dataset}/") == ["/data/toy/", "http://official.invalid/"]
+    assert resolve_sources(spec, None) == ["http://official.invalid/"]
+    # a mirror that lacks the file falls through to the next source
+    server, url = http_server(folder)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    fetch_file(name, digest, dest, [str(empty), url], progress=False)
+    assert server.requests == [f"/{name}"]
+    # and a mirror that has it is used without touching the next source
+    server.requests.clear()
+    (dest / name).unlink()
+    fetch_file(name, digest, dest, [str(folder), url], progress=False)
+    assert server.requests == []
+
+
+def test_retries_a_transient_http_error(tmp_path, source, http_server):
+    folder, name, digest = source
+    server, url = http_server(folder, behaviour=["503"])
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    fetch_file(name, digest, dest, [url], backoff=0.01, progress=False)
+    assert len(server.requests) == 2
+    assert sha256(dest / name) == digest
+
+
+def test_an_interrupted_download_leaves_no_partial_file(tmp_path, source, http_server):
+    folder, name, digest = source
+    server, url = http_server(folder, behaviour=["truncate"] * 3)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    with pytest.raises(FetchError) as error:
+        fetch_file(name, digest, dest, [url], retries=3, backoff=0.01, progress=False)
+    assert _leftovers(dest) == []
+    assert len(server.requests) == 3
+    assert url in str(error.value)
+
+
+def test_when_every_source_fails_the_error_says_which_and_why(tmp_path, source, http_server):
+    folder, name, digest = source
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server, url = http_server(empty)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    unreachable = "http://127.0.0.1:9/"  # the discard port: connection refused
+    with pytest.raises(FetchError) as error:
+        fetch_file(name, digest, dest, [str(empty), url, unreachable], retries=2, backoff=0.01, timeout=2,
+                   progress=False)
+    message = str(error.value)
+    assert f"could not fetch {name}" in message
+    assert f"{empty}: no file" in message
+    assert f"{url}: HTTP 404" in message
+    assert f"{unreachable}: attempt 2/2" in message
+    assert _leftovers(dest) == []
+
+
+def test_already_verified_files_are_not_downloaded_again(tmp_path, source, http_server):
+    folder, name, digest = source
+    server, url = http_server(folder)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    fetch_file(name, digest, dest, [url], progress=False)
+    fetch_file(name, digest, dest, [url], progress=False)
+    assert server.requests == [f"/{name}"]
+    # a corrupted copy is replaced
+    (dest / name).write_bytes(b"garbage")
+    fetch_file(name, digest, dest, [url], progress=False)
+    assert sha256(dest / name) == digest and len(server.requests) == 2
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist"])
+def test_fetches_the_official_files_from_the_offline_mirror(tmp_path, shared_datasets, dataset):
+    spec = get_spec(dataset)
+    paths = fetch_dataset(spec, tmp_path / "raw", mirror=str(shared_datasets / "{dataset}"), progress=False)
+    assert sorted(p.name for p in paths) == sorted(spec.files)
+    assert all(sha256(p) == spec.sha256[p.name] for p in paths)

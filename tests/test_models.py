@@ -1,0 +1,65 @@
+"""The zoo: output shapes, parameter counts (worked out by hand), options."""
+import pytest
+import torch
+
+from training.models import ACTIVATIONS, ZOO, build_model, count_parameters
+
+# weights + biases, layer by layer (BN: 2 per channel; convs/dense before BN have no bias)
+EXPECTED_PARAMETERS = {
+    "mlp_linear_1": (784 * 1 + 1) + (1 * 10 + 10),
+    "mlp_linear_10": (784 * 10 + 10) + (10 * 10 + 10),
+    "mlp_relu_10": (784 * 10 + 10) + (10 * 10 + 10),
+    "mlp_512": (784 * 512 + 512) + (512 * 512 + 512) + (512 * 10 + 10),
+    "cnn_basic": (9 * 32 + 32) + (9 * 32 * 64 + 64) + (64 * 7 * 7 * 128 + 128) + (128 * 10 + 10),
+    "cnn_deep_a": (9 * 32 + 64) + (9 * 32 * 32 + 64) + (9 * 32 * 64 + 128) + (9 * 64 * 64 + 128)
+    + (64 * 7 * 7 * 512 + 1024) + (512 * 10 + 10),
+    "cnn_deep_b": (9 * 32 + 64) + (9 * 32 * 32 + 64) + (9 * 32 * 64 + 128) + (9 * 64 * 64 + 128)
+    + (9 * 64 * 128 + 256) + (9 * 128 * 128 + 256) + (128 * 3 * 3 * 256 + 512) + (256 * 10 + 10),
+}
+
+
+def test_every_zoo_model_has_an_expected_parameter_count():
+    assert set(EXPECTED_PARAMETERS) == set(ZOO)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_output_shape_and_parameter_count(name):
+    model = build_model(name).eval()
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    assert model(images).shape == (3, 10)
+    assert count_parameters(model) == EXPECTED_PARAMETERS[name]
+
+
+def test_normalisation_is_inside_the_model():
+    model = build_model("mlp_linear_10", mean=0.5, std=0.25).eval()
+    assert torch.allclose(model[0](torch.full((1, 1, 28, 28), 255, dtype=torch.uint8)), torch.tensor(2.0))
+    assert set(model.state_dict()) >= {"0.mean", "0.std"}
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_activation_option(activation):
+    model = build_model("cnn_deep_a", {"activation": activation})
+    assert any(type(m) is type(ACTIVATIONS[activation]()) for m in model.modules())
+
+
+def test_batch_norm_and_dropout_options():
+    model = build_model("cnn_basic", {"batch_norm": True, "dropout": 0.3})
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in model.modules())
+    plain = build_model("mlp_512", {"dropout": 0.0})
+    assert not any(isinstance(m, torch.nn.Dropout) for m in plain.modules())
+
+
+def test_zero_init_zeroes_every_weight():
+    model = build_model("mlp_512", {"init": "zeros"})
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(torch.count_nonzero(w) == 0 for w in weights)
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        build_model("resnet")
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        build_model("mlp_512", {"activation": "swish"})
+    with pytest.raises(ValueError, match="unknown init 'orthogonal'"):
+        build_model("mlp_512", {"init": "orthogonal"})

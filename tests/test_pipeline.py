@@ -1,0 +1,163 @@
+"""End to end: a real `dvc repro` on a tiny subset in a copy of the repo, real MLflow stores."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import copy_repo, require_shared_datasets
+
+pytestmark = pytest.mark.slow
+
+VENV_BIN = Path(sys.executable).parent
+ZOO = ["mlp_relu_10", "cnn_basic"]
+
+
+def tiny_params(repo: Path) -> None:
+    """The committed params with overrides for a fast CPU run: a few hundred images, one epoch, two models."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["subset"] = {"train": 500, "test": 200}
+    params["zoo"] = ZOO
+    params["train"].update(epochs=1, verbose=2)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stage_env(shared_datasets: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", DATASET_MIRROR=f"{shared_datasets}/{{dataset}}", **extra)
+    return env
+
+
+def run(cmd: list[str], repo: Path, env: dict, timeout: int = 600) -> str:
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The tiny pipeline, run once for the tests of this module."""
+    shared_datasets = require_shared_datasets()
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    tiny_params(repo)
+    env = stage_env(shared_datasets)
+    log = run([str(VENV_BIN / "dvc"), "repro"], repo, env)
+    return repo, env, log
+
+
+def test_repro_writes_every_output(pipeline):
+    repo, _, log = pipeline
+    for path in ["dvc.lock", "champion.json", "reports/models.md", "data/prepared/dataset.npz",
+                 "data/prepared/card.json", "data/prepared/samples.png"]:
+        assert (repo / path).is_file(), path
+    for model in ZOO:
+        assert (repo / f"models/{model}/weights.pt").is_file()
+        metrics = json.loads((repo / f"metrics/{model}.json").read_text())
+        assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["parameters"] > 0
+        assert (repo / f"plots/predictions/{model}.csv").read_text().count("\n") == 201
+        assert (repo / f"reports/{model}/confusion_matrix.png").stat().st_size > 1000
+    card = json.loads((repo / "data/prepared/card.json").read_text())
+    assert card["images"] == {"train": 450, "val": 50, "test": 200}
+    assert sum(card["per_class"]["test"].values()) == 200
+    assert "epoch 1/1" in log  # one line per epoch in logs
+
+
+def test_champion_is_the_best_on_validation_and_registered(pipeline):
+    repo, *_ = pipeline
+    champion = json.loads((repo / "champion.json").read_text())
+    metrics = {m: json.loads((repo / f"metrics/{m}.json").read_text()) for m in ZOO}
+    best = max(ZOO, key=lambda m: (metrics[m]["val_accuracy"], -metrics[m]["parameters"]))
+    assert champion["model"] == best
+    assert champion["test_accuracy"] == metrics[best]["test_accuracy"]
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("fashion-mnist-classifier", "champion")
+    assert version.run_id == champion["run_id"]
+    assert int(version.version) == champion["version"]
+
+
+def test_one_mlflow_run_per_model_with_curves_metrics_and_artifacts(pipeline):
+    repo, *_ = pipeline
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fashion-mnist")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(ZOO)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    card = json.loads((repo / "data/prepared/card.json").read_text())
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert {"val_accuracy", "train_loss", "test_accuracy", "test_loss"} <= set(r.data.metrics)
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy")] == [1]
+        assert r.data.params["train.epochs"] == "1" and r.data.params["model.name"] == r.info.run_name
+        assert r.data.tags["git.commit"] == commit
+        assert r.data.tags["dvc.stage"] == f"train@{r.info.run_name}"
+        assert r.data.tags["dataset.sha256"] == card["sha256"]
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "evaluation")}
+        assert {"evaluation/confusion_matrix.png", "evaluation/confusion_matrix.json",
+                "evaluation/classification_report.json", "evaluation/misclassified.png"} <= artifacts
+        models = client.search_logged_models([experiment.experiment_id],
+                                             filter_string=f"source_run_id = '{r.info.run_id}'")
+        assert len(models) == 1
+
+
+def test_second_repro_runs_nothing(pipeline):
+    repo, env, _ = pipeline
+    log = run([str(VENV_BIN / "dvc"), "repro"], repo, env)
+    assert "Data and pipelines are up to date." in log
+    assert "Running stage" not in log
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not become healthy in 120 s")
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_logs_to_a_real_mlflow_server_with_identical_metrics(pipeline, mlflow_server):
+    """Re-running a model's stages against a server gives the same metrics (same params, CPU)."""
+    repo, env, _ = pipeline
+    model = ZOO[0]
+    before = json.loads((repo / f"metrics/{model}.json").read_text())
+    server_env = {**env, "MLFLOW_TRACKING_URI": mlflow_server}
+    run([sys.executable, "-m", "pipelines.train", model], repo, server_env)
+    run([sys.executable, "-m", "pipelines.evaluate", model], repo, server_env)
+    after = json.loads((repo / f"metrics/{model}.json").read_text())
+    assert {k: v for k, v in after.items() if k not in ("train_seconds", "images_per_second")} == \
+        {k: v for k, v in before.items() if k not in ("train_seconds", "images_per_second")}
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("fashion-mnist").experiment_id])
+    assert [r.info.run_name for r in runs] == [model]
+    assert runs[0].data.metrics["test_accuracy"] == pytest.approx(after["test_accuracy"])
+    assert any(a.path == "evaluation/confusion_matrix.png"
+               for a in client.list_artifacts(runs[0].info.run_id, "evaluation"))

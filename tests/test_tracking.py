@@ -1,0 +1,25 @@
+"""Where MLflow runs go, also from the temp copies `dvc exp run --temp/--queue` works in."""
+from training import tracking
+
+
+def test_repo_root_inside_a_dvc_experiment_temp_copy(monkeypatch, tmp_path):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project/.dvc/tmp/exps/tmpab12cd"))
+    assert tracking.repo_root() == tmp_path / "project"
+
+
+def test_default_store_is_sqlite_at_the_repo_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project/.dvc/tmp/exps/tmpab12cd"))
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/project/mlflow.db"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_environment_variable_switches_to_a_server(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_flatten_nested_params():
+    assert tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
+        "a.b": "1", "a.c.d": "[1, 2]", "e": "None"}

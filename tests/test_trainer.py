@@ -1,0 +1,114 @@
+"""The trainer on CPU: learning, early stopping, determinism, augmentation, optimizers."""
+import copy
+
+import pytest
+import torch
+
+from training.augment import augment_batch, random_hflip, random_translate
+from training.models import build_model
+from training.trainer import OPTIMIZERS, SCHEDULES, TrainConfig, seed_everything, train
+
+
+def toy_data(n: int, seed: int = 0):
+    """Ten classes told apart by where a bright square sits: learnable in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = torch.randint(0, 30, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    for i, label in enumerate(labels.tolist()):
+        row, col = divmod(label, 5)
+        images[i, 0, 4 + row * 12: 10 + row * 12, 2 + col * 5: 7 + col * 5] = 255
+    return images, labels.to(torch.uint8)
+
+
+def config(**overrides) -> TrainConfig:
+    return TrainConfig(**{"epochs": 3, "batch_size": 32, "verbose": 0, "seed": 0, **overrides})
+
+
+def test_overfits_a_tiny_batch():
+    seed_everything(0)
+    x, y = toy_data(64)
+    model = build_model("mlp_512")
+    result = train(model, x, y, x, y, config(epochs=30, lr=1e-3, schedule="none"))
+    assert result.history[-1]["train_accuracy"] == 1.0
+    assert result.history[-1]["train_loss"] < 0.05
+
+
+def test_zero_init_visibly_fails_to_learn():
+    x, y = toy_data(200)
+    accuracies = {}
+    for init in ("he", "zeros"):
+        seed_everything(0)
+        result = train(build_model("mlp_512", {"init": init}), x, y, x, y, config(epochs=5, lr=1e-3))
+        accuracies[init] = max(r["val_accuracy"] for r in result.history)
+    assert accuracies["he"] > 0.9
+    assert accuracies["zeros"] <= 0.2  # chance is 0.1: every hidden unit stays identical
+
+
+def test_early_stopping_fires_and_restores_the_best_weights():
+    seed_everything(0)
+    x, y = toy_data(200)
+    x_val, _ = toy_data(100, seed=1)
+    y_val = torch.randint(0, 10, (100,), generator=torch.Generator().manual_seed(3)).to(torch.uint8)  # noise
+    model = build_model("mlp_512")
+    snapshots = {}
+    result = train(model, x, y, x_val, y_val, config(epochs=30, patience=2, lr=3e-3),
+                   on_epoch_end=lambda r: snapshots.__setitem__(r["epoch"], copy.deepcopy(model.state_dict())))
+    assert result.stopped_early
+    assert len(result.history) == result.best_epoch + 2 < 30
+    best = max(result.history, key=lambda r: r["val_accuracy"])
+    assert best["epoch"] == result.best_epoch
+    restored = result.model.state_dict()
+    assert all(torch.equal(restored[k], snapshots[result.best_epoch][k]) for k in restored)
+    assert not all(torch.equal(restored[k], snapshots[len(result.history)][k]) for k in restored)
+
+
+def test_same_seed_gives_identical_results_on_cpu():
+    x, y = toy_data(256)
+    histories = []
+    for _ in range(2):
+        seed_everything(5)
+        result = train(build_model("cnn_basic"), x, y, x[:64], y[:64],
+                       config(epochs=2, translate=2, hflip=True, seed=5))
+        histories.append([{k: v for k, v in r.items() if k != "seconds"} for r in result.history])
+    assert histories[0] == histories[1]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_optimizer_and_schedule_trains(optimizer, schedule):
+    seed_everything(0)
+    x, y = toy_data(100)
+    lr = 0.05 if optimizer.startswith("sgd") or optimizer == "adagrad" else 1e-3
+    result = train(build_model("mlp_relu_10"), x, y, x, y,
+                   config(epochs=4, optimizer=optimizer, schedule=schedule, lr=lr, weight_decay=1e-4,
+                          label_smoothing=0.1))
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_unknown_settings_are_rejected():
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        TrainConfig.from_dict({"optimizer": "lbfgs"})
+    with pytest.raises(ValueError, match=r"unknown train params \['epoch'\]"):
+        TrainConfig.from_dict({"epoch": 3})
+
+
+def test_translation_moves_pixels_without_changing_shape():
+    images = torch.zeros(50, 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 10:18, 10:18] = 200  # an object well inside the frame: shifts keep every pixel
+    out = random_translate(images, 3, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(out.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)))
+    assert (out != images).any(dim=(1, 2, 3)).sum() > 30
+
+
+def test_hflip_mirrors_some_images_exactly():
+    images = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8)
+    out = random_hflip(images, torch.Generator().manual_seed(0))
+    flipped = (out == images.flip(-1)).all(dim=(1, 2, 3))
+    unchanged = (out == images).all(dim=(1, 2, 3))
+    assert torch.all(flipped | unchanged) and 20 < flipped.sum() < 80
+
+
+def test_augmentation_off_is_the_identity():
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    assert torch.equal(augment_batch(images, torch.Generator(), translate=0, hflip=False), images)
