@@ -59,7 +59,7 @@ def main() -> None:
 
     tracking.setup(experiment_name(params))
     with tracking.start_run(run_id=summary["run_id"]):
-        mlflow.log_metrics(scores)
+        mlflow.log_metrics({k: v for k, v in scores.items() if k.startswith("test_")})  # val: per epoch, by train
         mlflow.log_metrics({f"test_f1.{cls}": report[cls]["f1"] for cls in class_names})
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
     log.info("%s: val_acc %.4f, test_acc %.4f", name, scores["val_accuracy"], scores["test_accuracy"])

@@ -92,7 +92,7 @@ def test_one_mlflow_run_per_model_with_curves_metrics_and_artifacts(pipeline):
     card = json.loads((repo / "data/prepared/card.json").read_text())
     for r in runs:
         assert r.info.status == "FINISHED"
-        assert {"val_accuracy", "train_loss", "test_accuracy", "test_loss"} <= set(r.data.metrics)
+        assert {"val_accuracy", "train_loss", "best_val_accuracy", "test_accuracy", "test_loss"} <= set(r.data.metrics)
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy")] == [1]
         assert r.data.params["train.epochs"] == "1" and r.data.params["model.name"] == r.info.run_name
         assert r.data.tags["git.commit"] == commit
@@ -161,3 +161,17 @@ def test_logs_to_a_real_mlflow_server_with_identical_metrics(pipeline, mlflow_se
     assert runs[0].data.metrics["test_accuracy"] == pytest.approx(after["test_accuracy"])
     assert any(a.path == "evaluation/confusion_matrix.png"
                for a in client.list_artifacts(runs[0].info.run_id, "evaluation"))
+
+
+def test_dvc_exp_run_in_a_temp_copy_logs_to_the_repo_store(pipeline):
+    """`dvc exp run --temp` works in .dvc/tmp/exps/...; its runs still land in <repo>/mlflow.db."""
+    repo, env, _ = pipeline
+    log = run([str(VENV_BIN / "dvc"), "exp", "run", "--temp", "-n", "mnist-quick", "-S", "data.dataset=mnist"],
+              repo, env)
+    assert "Ran experiment(s): mnist-quick" in log
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(ZOO)
+    assert {r.data.tags["dvc.experiment"] for r in runs} == {"mnist-quick"}
+    assert client.get_model_version_by_alias("mnist-classifier", "champion").run_id in {r.info.run_id for r in runs}
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
