@@ -9,7 +9,7 @@ from typing import Callable
 from training.data import DataFormatError
 from training.fetch import FetchError
 
-EXPECTED_ERRORS = (FetchError, DataFormatError, ValueError, FileNotFoundError)
+EXPECTED_ERRORS = (FetchError, DataFormatError, ValueError, FileNotFoundError)  # ParityError is a ValueError
 
 
 def _interrupt(signum, frame):
@@ -20,7 +20,7 @@ def run(main: Callable[[], None]) -> None:
     """Run a stage; an expected failure prints one clear line instead of a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("alembic", "mlflow.store.db.utils", "urllib3"):
+    for noisy in ("alembic", "mlflow.store.db.utils", "urllib3", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # "no pip in a uv venv"
     signal.signal(signal.SIGTERM, _interrupt)

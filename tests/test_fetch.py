@@ -96,7 +96,7 @@ def test_mirror_is_tried_first_then_the_official_urls(tmp_path, source, http_ser
     empty = tmp_path / "empty-mirror"
     empty.mkdir()
     spec = DatasetSpec("toy", urls=("http://official.invalid/",), sha256={name: digest}, class_names=("a",),
-                       hflip_ok=False)
+                       hflip_ok=False, upload_fit=28)
     assert resolve_sources(spec, str(empty)) == [str(empty), "http://official.invalid/"]
     assert resolve_sources(spec, "/data/{dataset}/") == ["/data/toy/", "http://official.invalid/"]
     assert resolve_sources(spec, None) == ["http://official.invalid/"]

@@ -23,6 +23,7 @@ CURVES_DIR = Path("plots/curves")
 PREDICTIONS_DIR = Path("plots/predictions")
 REPORTS_DIR = Path("reports")
 CHAMPION_FILE = Path("champion.json")
+EXPORT_DIR = Path("export")
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict:

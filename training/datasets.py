@@ -14,6 +14,7 @@ class DatasetSpec:
     sha256: dict[str, str]  # file name -> sha256 of the official .gz file
     class_names: tuple[str, ...]
     hflip_ok: bool  # whether a horizontally flipped image is still an image of its class
+    upload_fit: int  # an uploaded object's longest side, in pixels, as the dataset was made
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -40,6 +41,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
         ),
         hflip_ok=True,
+        upload_fit=28,  # Fashion-MNIST: trimmed products scaled to 28 on the longest side
     ),
     "mnist": DatasetSpec(
         name="mnist",
@@ -56,6 +58,7 @@ DATASETS: dict[str, DatasetSpec] = {
         },
         class_names=tuple(str(d) for d in range(10)),
         hflip_ok=False,
+        upload_fit=20,  # MNIST: digits fit a 20x20 box, centred in 28x28
     ),
 }
 

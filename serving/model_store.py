@@ -1,0 +1,30 @@
+"""The BentoML model store: where the export stage puts the ONNX model and the service finds it."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import bentoml
+import onnx
+
+ONNX_FILE = "model.onnx"
+
+
+def read_metadata(path: Path | str) -> dict[str, object]:
+    """An ONNX file's metadata_props, JSON values decoded."""
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    decoded = {}
+    for key, value in props.items():
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            decoded[key] = value
+    return decoded
+
+
+def save_onnx(path: Path, name: str, labels: dict[str, str]) -> str:
+    """Save `path` as a new version of BentoML model `name`, with its ONNX metadata; return the tag."""
+    with bentoml.models.create(name, labels=labels, metadata=read_metadata(path)) as model:
+        shutil.copyfile(path, model.path_of(ONNX_FILE))
+    return str(model.tag)

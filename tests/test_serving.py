@@ -1,0 +1,252 @@
+"""The BentoML service, against a real `bentoml serve` process on loopback."""
+import io
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import requests
+from PIL import Image
+
+from tests.serving_fixtures import MODEL_NAME, Server, metric_samples, small_model, store_model
+
+pytestmark = pytest.mark.slow
+MAX_BODY = 4 * 1024 * 1024
+
+
+def png(pixels: np.ndarray, mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).convert(mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serving")
+    onnx_path, x_test, y_test = small_model(folder)
+    home = folder / "bentoml"
+    tag = store_model(onnx_path, home)
+    return {"onnx": onnx_path, "home": home, "tag": tag, "x": x_test[:1000], "y": y_test[:1000]}
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "bentoml-serve.log"
+    srv = Server("serving.service:Classifier", model["home"], log, BENTO_MODEL_TAG=f"{MODEL_NAME}:latest",
+                 SERVING_MAX_BODY_BYTES=str(MAX_BODY)).wait_ready()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def offline(model):
+    """What the ONNX model says offline about the 1,000 test images."""
+    session = ort.InferenceSession(str(model["onnx"]), providers=["CPUExecutionProvider"])
+    return session.run(["probabilities"], {"images": model["x"]})[0]
+
+
+def test_health_endpoints(server):
+    assert requests.get(f"{server.url}/livez", timeout=5).status_code == 200
+    assert requests.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    assert "bentoml_service_request_total" in requests.get(f"{server.url}/metrics", timeout=5).text
+
+
+def test_model_card(server, model):
+    card = requests.get(f"{server.url}/model", timeout=5).json()
+    assert card["model_name"] == "mlp_512"
+    assert card["bentoml_tag"] == model["tag"]
+    assert card["dataset"] == "fashion-mnist"
+    assert card["class_names"][9] == "Ankle boot"
+    assert card["mlflow_run_id"] == "test-run" and card["git_commit"] == "test-commit"
+    assert card["execution_provider"] == ("CUDAExecutionProvider" if _has_gpu() else "CPUExecutionProvider")
+    assert {"val_accuracy", "test_accuracy"} <= set(card)
+
+
+def _has_gpu() -> bool:
+    return subprocess.run(["sh", "-c", "nvidia-smi -L"], capture_output=True).returncode == 0
+
+
+def test_predict_a_png_of_a_test_image(server, model, offline):
+    response = requests.post(f"{server.url}/predict", files={"image": ("shoe.png", png(model["x"][0, 0]))},
+                             timeout=10)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["label"] == int(offline[0].argmax())
+    assert body["class_name"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                  "Sneaker", "Bag", "Ankle boot"][body["label"]]
+    assert body["confidence"] == pytest.approx(float(offline[0].max()), abs=1e-5)
+    assert [t["class_name"] for t in body["top_k"]][0] == body["class_name"]
+    assert len(body["top_k"]) == 3
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "BMP", "GIF", "WEBP"])
+def test_predict_other_formats_sizes_and_light_backgrounds(server, model, offline, fmt):
+    """A large colour photo-like image, dark object on white: inverted, trimmed, scaled, centred."""
+    index = int(np.flatnonzero(model["y"] == 1)[0])  # a trouser: the clearest class
+    big = Image.fromarray(255 - model["x"][index, 0]).resize((280, 420)).convert("RGB")
+    buffer = io.BytesIO()
+    big.save(buffer, format=fmt)
+    response = requests.post(f"{server.url}/predict", files={"image": (f"x.{fmt.lower()}", buffer.getvalue())},
+                             timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["class_name"] == "Trouser"
+
+
+def test_predict_batch_returns_one_result_per_image_in_order(server, model, offline):
+    images = model["x"][:50, 0].tolist()
+    images[1] = np.asarray(images[1]).reshape(784).tolist()  # 784 flat values are accepted too
+    response = requests.post(f"{server.url}/predict_batch", json={"images": images}, timeout=30)
+    assert response.status_code == 200, response.text
+    labels = [r["label"] for r in response.json()]
+    assert labels == offline[:50].argmax(1).tolist()
+
+
+def test_served_accuracy_equals_offline_onnx_accuracy(server, model, offline):
+    """1,000 test images as PNG uploads, 16 at a time, against the ONNX model run offline."""
+    def post(i):
+        r = requests.post(f"{server.url}/predict", files={"image": ("x.png", png(model["x"][i, 0]))}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["label"]
+
+    with ThreadPoolExecutor(16) as pool:
+        served = np.array(list(pool.map(post, range(len(model["y"])))))
+    offline_labels = offline.argmax(1)
+    assert (served == offline_labels).all()
+    assert (served == model["y"]).mean() == (offline_labels == model["y"]).mean()
+    batch = requests.post(f"{server.url}/predict_batch", json={"images": model["x"][:, 0].tolist()}, timeout=60)
+    assert [r["label"] for r in batch.json()] == offline_labels.tolist()
+
+
+def test_concurrent_requests_are_batched(server, model):
+    def post(i):
+        return requests.post(f"{server.url}/predict", files={"image": ("x.png", png(model["x"][i % 100, 0]))},
+                             timeout=60).status_code
+
+    with ThreadPoolExecutor(64) as pool:
+        assert set(pool.map(post, range(512))) == {200}
+    samples = metric_samples(requests.get(f"{server.url}/metrics", timeout=5).text,
+                             "bentoml_service_adaptive_batch_size")
+    count = sum(v for k, v in samples.items() if "_count" in k and 'method_name="infer"' in k)
+    size_one = sum(v for k, v in samples.items() if 'le="1.0"' in k and 'method_name="infer"' in k)
+    assert count > 0 and size_one < count, samples  # some batches held more than one image
+
+
+def _bad_png() -> bytes:
+    data = png(np.random.default_rng(0).integers(0, 256, (28, 28)))
+    return data[: len(data) * 3 // 4]
+
+
+BAD_UPLOADS = {
+    "not an image": (b"hello, I am text", "not an image"),
+    "zero bytes": (b"", "empty"),
+    "truncated": (None, "truncated or corrupt"),
+    "decompression bomb": (None, "over the limit"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_UPLOADS))
+def test_bad_uploads_are_400_with_a_message(server, case):
+    data, message = BAD_UPLOADS[case]
+    if case == "truncated":
+        data = _bad_png()
+    elif case == "decompression bomb":
+        buffer = io.BytesIO()
+        Image.new("L", (9000, 9000)).save(buffer, format="PNG")  # 81 Mpixel, a few KB compressed
+        data = buffer.getvalue()
+    response = requests.post(f"{server.url}/predict", files={"image": ("x.png", data)}, timeout=30)
+    assert response.status_code == 400, response.text
+    assert message in response.text
+
+
+BAD_BATCHES = {
+    "wrong shape": ({"images": [[1, 2, 3]]}, "28x28 or 784"),
+    "ragged": ({"images": [[[0] * 28] * 27 + [[0] * 3]]}, "ragged"),
+    "over 255": ({"images": [[[300] * 28] * 28]}, "integers 0-255"),
+    "negative": ({"images": [[[-1] * 28] * 28]}, "integers 0-255"),
+    "fractional": ({"images": [[[0.5] * 28] * 28]}, "integers 0-255"),
+    "not finite": ('{"images": [[' + ",".join(["NaN"] * 784) + "]]}", "finite"),
+    "strings": ({"images": [[["a"] * 28] * 28]}, "non-numeric"),
+    "empty list": ({"images": []}, "non-empty"),
+    "too many images": ({"images": [[0] * 784] * 1025}, "the limit is 1024"),
+    "missing field": ({"pictures": []}, "images"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
+def test_bad_batches_are_400_with_a_message(server, case):
+    body, message = BAD_BATCHES[case]
+    response = requests.post(f"{server.url}/predict_batch", timeout=30, headers={"content-type": "application/json"},
+                             data=body if isinstance(body, str) else json.dumps(body))
+    assert response.status_code == 400, response.text
+    assert message in response.text
+
+
+def test_body_over_the_size_limit_is_400(server):
+    data = np.random.default_rng(0).bytes(MAX_BODY + 1000)
+    response = requests.post(f"{server.url}/predict", files={"image": ("x.png", data)}, timeout=30)
+    assert response.status_code == 400 and "request body too large" in response.text
+
+    def chunks():  # no Content-Length: the limit still holds
+        for _ in range(5):
+            yield b"0" * (MAX_BODY // 4)
+
+    response = requests.post(f"{server.url}/predict_batch", data=chunks(), timeout=30,
+                             headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "request body too large" in response.text
+
+
+def test_wrong_content_type_and_missing_field_are_400(server, model):
+    missing = requests.post(f"{server.url}/predict", files={"picture": ("x.png", png(model["x"][0, 0]))},
+                            timeout=10)
+    assert missing.status_code == 400 and "missing multipart field `image`" in missing.text
+    extra = requests.post(f"{server.url}/predict", timeout=10,
+                          files={"image": ("x.png", png(model["x"][0, 0])), "more": ("y", b"\x89binary")})
+    assert extra.status_code == 400 and "unexpected multipart fields ['more']" in extra.text
+    as_text = requests.post(f"{server.url}/predict", files={"image": (None, "not a file")}, timeout=10)
+    assert as_text.status_code == 400 and "must be a file upload" in as_text.text
+    as_json = requests.post(f"{server.url}/predict", json={"image": "x.png"}, timeout=10)
+    assert 400 <= as_json.status_code < 500, as_json.text
+    plain_text = requests.post(f"{server.url}/predict_batch", data="images=1", timeout=10,
+                               headers={"content-type": "text/plain"})
+    assert 400 <= plain_text.status_code < 500, plain_text.text
+    raw_png = requests.post(f"{server.url}/predict", data=png(model["x"][0, 0]), timeout=10,
+                            headers={"content-type": "image/png"})
+    assert 400 <= raw_png.status_code < 500, raw_png.text
+
+
+def test_one_bad_request_never_fails_the_others_batched_with_it(server, model, offline):
+    """Bad uploads are refused before batching, so the good requests sent with them all succeed."""
+    def post(i):
+        data = _bad_png() if i % 4 == 0 else png(model["x"][i, 0])
+        r = requests.post(f"{server.url}/predict", files={"image": ("x.png", data)}, timeout=60)
+        return i, r.status_code, r.json()
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(post, range(64)))
+    assert {status for i, status, _ in results if i % 4 == 0} == {400}
+    good = [(i, status, body) for i, status, body in results if i % 4]
+    assert {status for _, status, _ in good} == {200}
+    assert all(body["label"] == int(offline[i].argmax()) for i, _, body in good)
+
+
+def test_openapi_docs_have_request_examples(server):
+    spec = requests.get(f"{server.url}/docs.json", timeout=5).json()
+    assert {"/predict", "/predict_batch"} <= set(spec["paths"])
+    assert "examples" in str(spec["paths"]["/predict_batch"]) or "example" in str(spec["paths"]["/predict_batch"])
+
+
+def test_bentoml_build_packages_the_model(model, tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(model["home"]), "BENTOML_DO_NOT_TRACK": "true",
+           "BENTO_MODEL_TAG": f"{MODEL_NAME}:latest"}
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    done = subprocess.run([bentoml, "build", "--output", "tag"], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    info = subprocess.run([bentoml, "get", tag, "-o", "json"], env=env, capture_output=True, text=True, check=True)
+    assert model["tag"] in info.stdout
