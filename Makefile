@@ -15,8 +15,9 @@ export DATASET_MIRROR ?= $(if $(wildcard $(SHARED_DATASETS)),$(SHARED_DATASETS)/
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
 HOST ?= 127.0.0.1
+PORT ?= 3000
 
-.PHONY: setup run test ui clean
+.PHONY: setup run test ui serve bench clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +37,12 @@ test: setup
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --host $(HOST) --port 5000
+
+serve: setup
+	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve serving.service:Classifier --host $(HOST) --port $(PORT)
+
+bench: setup
+	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.serving
 
 clean:
 	rm -rf $(VENV) $(TOOLS)

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import onnxruntime as ort
 
-log = logging.getLogger("serving")
+log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

@@ -27,7 +27,7 @@ from serving.limits import RequestGuard
 from serving.preprocess import ImageError, image_to_input
 from serving.runtime import OnnxClassifier
 
-log = logging.getLogger("serving")
+log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
 MODEL_TAG = os.environ.get("BENTO_MODEL_TAG", "fashion-mnist-classifier:latest")
 DEVICE = os.environ.get("SERVING_DEVICE", "auto")
@@ -134,7 +134,7 @@ class Classifier:
             except aiohttp.ClientConnectionError as exc:
                 if attempt == CONNECTION_RETRIES:
                     raise
-                log.info("in-process call to %s failed (%s); retrying", api, exc)
+                log.warning("in-process call to %s failed (%s); retrying", api, exc)
 
     def _prediction(self, probabilities: np.ndarray) -> Prediction:
         order = np.argsort(-probabilities)

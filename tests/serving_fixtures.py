@@ -1,15 +1,12 @@
-"""A small trained model in a throwaway BentoML store, and a real `bentoml serve` process on loopback."""
+"""A small trained model in a throwaway BentoML store, for tests of the service."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import requests
 import torch
 
 from tests.conftest import REPO, require_shared_datasets
@@ -48,51 +45,6 @@ def store_model(onnx_path: Path, bentoml_home: Path) -> str:
     done = subprocess.run([sys.executable, "-c", code, str(onnx_path), MODEL_NAME], cwd=REPO, check=True,
                           capture_output=True, text=True, env={**os.environ, "BENTOML_HOME": str(bentoml_home)})
     return done.stdout.strip().splitlines()[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`bentoml serve` in its own process; waits on /readyz; stops on close."""
-
-    def __init__(self, target: str, bentoml_home: Path, log_path: Path, **env: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true", **env},
-        )
-        self.log_path = log_path
-
-    def wait_ready(self, timeout: float = 180) -> "Server":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None or "Application startup failed" in self.log_path.read_text():
-                raise RuntimeError(f"bentoml serve exited ({self.process.returncode}):\n{self.log_path.read_text()}")
-            try:
-                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.close()
-        raise RuntimeError(f"not ready within {timeout}s:\n{self.log_path.read_text()}")
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.log.close()
 
 
 def metric_samples(text: str, name: str) -> dict[str, float]:

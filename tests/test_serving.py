@@ -13,7 +13,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.serving_fixtures import MODEL_NAME, Server, metric_samples, small_model, store_model
+from serving.local_server import LocalServer
+from tests.serving_fixtures import MODEL_NAME, metric_samples, small_model, store_model
 
 pytestmark = pytest.mark.slow
 MAX_BODY = 4 * 1024 * 1024
@@ -37,8 +38,8 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "bentoml-serve.log"
-    srv = Server("serving.service:Classifier", model["home"], log, BENTO_MODEL_TAG=f"{MODEL_NAME}:latest",
-                 SERVING_MAX_BODY_BYTES=str(MAX_BODY)).wait_ready()
+    srv = LocalServer("serving.service:Classifier", log, BENTOML_HOME=str(model["home"]),
+                      BENTO_MODEL_TAG=f"{MODEL_NAME}:latest", SERVING_MAX_BODY_BYTES=str(MAX_BODY)).wait_ready()
     yield srv
     srv.close()
 

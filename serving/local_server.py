@@ -1,0 +1,59 @@
+"""`bentoml serve` as a child process on loopback, ready when /readyz says so: for tests and benchmarks."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """Starts `bentoml serve <target>` on a free loopback port; `close()` stops it (SIGTERM, then kill)."""
+
+    def __init__(self, target: str, log_path: Path, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
+        )
+
+    def wait_ready(self, timeout: float = 180) -> "LocalServer":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None or "Application startup failed" in self.log_path.read_text():
+                self.close()
+                raise RuntimeError(f"bentoml serve failed to start:\n{self.log_path.read_text()[-5000:]}")
+            try:
+                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise RuntimeError(f"not ready within {timeout}s:\n{self.log_path.read_text()[-5000:]}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.log.close()
