@@ -26,7 +26,7 @@ def small_model(folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     x_test, y_test = load_idx_pair(raw / TEST_IMAGES, raw / TEST_LABELS, 10)
     seed_everything(0)
     net = build_model("mlp_512", mean=0.286, std=0.353)
-    x = x.copy()
+    x, y = x.copy(), y.copy()  # writable, as torch wants
     train(net, torch.from_numpy(x[:6000]), torch.from_numpy(y[:6000]), torch.from_numpy(x[6000:7000]),
           torch.from_numpy(y[6000:7000]), TrainConfig(epochs=2, verbose=0, schedule="onecycle", lr=2e-3))
     spec = get_spec("fashion-mnist")
