@@ -241,7 +241,7 @@ def test_openapi_docs_have_request_examples(server):
     assert "examples" in str(spec["paths"]["/predict_batch"]) or "example" in str(spec["paths"]["/predict_batch"])
 
 
-def test_bentoml_build_packages_the_model(model, tmp_path):
+def test_bentoml_build_packages_the_model_and_the_bento_serves(model, tmp_path):
     env = {**os.environ, "BENTOML_HOME": str(model["home"]), "BENTOML_DO_NOT_TRACK": "true",
            "BENTO_MODEL_TAG": f"{MODEL_NAME}:latest"}
     bentoml = str(Path(sys.executable).parent / "bentoml")
@@ -251,3 +251,10 @@ def test_bentoml_build_packages_the_model(model, tmp_path):
     tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     info = subprocess.run([bentoml, "get", tag, "-o", "json"], env=env, capture_output=True, text=True, check=True)
     assert model["tag"] in info.stdout
+    built = LocalServer(tag, tmp_path / "bento-serve.log", BENTOML_HOME=str(model["home"])).wait_ready()
+    try:
+        assert requests.get(f"{built.url}/model", timeout=10).json()["bentoml_tag"] == model["tag"]
+        image = png(model["x"][0, 0])
+        assert requests.post(f"{built.url}/predict", files={"image": ("x.png", image)}, timeout=30).status_code == 200
+    finally:
+        built.close()
