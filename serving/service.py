@@ -15,9 +15,9 @@ import aiohttp
 import anyio
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument
+from bentoml.exceptions import BentoMLException, InvalidArgument
 from bentoml.validators import DType, Shape
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -41,6 +41,19 @@ TOP_K = int(os.environ.get("SERVING_TOP_K", "3"))
 CONNECTION_RETRIES = 3
 
 EXAMPLE_IMAGE = [[0] * 28 for _ in range(28)]
+
+
+class _ClientErrorFilter(logging.Filter):
+    """BentoML logs a traceback for every 4xx answer; the access log already records those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ValidationError):
+            return False
+        return not (isinstance(exc, BentoMLException) and exc.error_code < 500)
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorFilter())
 
 
 class ClassProbability(BaseModel):
