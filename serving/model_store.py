@@ -9,6 +9,16 @@ import bentoml
 import onnx
 
 ONNX_FILE = "model.onnx"
+EXPORT_RECORD = Path(__file__).resolve().parents[1] / "export" / "export.json"
+
+
+def default_model_tag(fallback: str = "fashion-mnist-classifier:latest") -> str:
+    """The model the workspace's export stage saved (export/export.json), so serving and `bentoml build`
+    use exactly that one, not whatever an experiment saved last; `fallback` inside a built bento."""
+    try:
+        return json.loads(EXPORT_RECORD.read_text())["bentoml_tag"]
+    except (OSError, ValueError, KeyError):
+        return fallback
 
 
 def read_metadata(path: Path | str) -> dict[str, object]:

@@ -1,6 +1,6 @@
 """The BentoML service: the exported champion over REST, adaptive batching on onnxruntime.
 
-Settings (environment variables): BENTO_MODEL_TAG, SERVING_DEVICE (auto, cpu, cuda),
+Settings (environment variables): BENTO_MODEL_TAG (default: the tag in export/export.json), SERVING_DEVICE (auto, cpu, cuda),
 SERVING_WORKERS, SERVING_MAX_BATCH_SIZE, SERVING_MAX_BATCH_IMAGES, SERVING_MAX_BODY_BYTES,
 SERVING_MAX_IMAGE_PIXELS, SERVING_TIMEOUT_S, SERVING_TOP_K. Host and port: `bentoml serve --host --port`.
 """
@@ -24,12 +24,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving.limits import RequestGuard
+from serving.model_store import default_model_tag
 from serving.preprocess import ImageError, image_to_input
 from serving.runtime import OnnxClassifier
 
 log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
-MODEL_TAG = os.environ.get("BENTO_MODEL_TAG", "fashion-mnist-classifier:latest")
+MODEL_TAG = os.environ.get("BENTO_MODEL_TAG") or default_model_tag()
 DEVICE = os.environ.get("SERVING_DEVICE", "auto")
 WORKERS = int(os.environ.get("SERVING_WORKERS", "1"))
 MAX_BATCH_SIZE = int(os.environ.get("SERVING_MAX_BATCH_SIZE", "64"))

@@ -35,7 +35,7 @@ def copy_repo(dest: Path) -> Path:
             shutil.copy2(src, dest / rel)
     for generated in ("dvc.lock", "champion.json"):
         (dest / generated).unlink(missing_ok=True)
-    for generated in ("metrics", "plots", "reports"):
+    for generated in ("metrics", "plots", "reports", "export"):
         shutil.rmtree(dest / generated, ignore_errors=True)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)

@@ -29,9 +29,11 @@ def tiny_params(repo: Path) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def stage_env(shared_datasets: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", DATASET_MIRROR=f"{shared_datasets}/{{dataset}}", **extra)
+def stage_env(shared_datasets: Path, bentoml_home: Path) -> dict:
+    """The environment of `make run`, with the BentoML store in a temp folder, not the user's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "BENTO"))}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", DATASET_MIRROR=f"{shared_datasets}/{{dataset}}",
+               BENTOML_HOME=str(bentoml_home), BENTOML_DO_NOT_TRACK="true")
     return env
 
 
@@ -45,11 +47,25 @@ def run(cmd: list[str], repo: Path, env: dict, timeout: int = 600) -> str:
 def pipeline(tmp_path_factory):
     """The tiny pipeline, run once for the tests of this module."""
     shared_datasets = require_shared_datasets()
-    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    root = tmp_path_factory.mktemp("pipeline")
+    repo = copy_repo(root / "repo")
     tiny_params(repo)
-    env = stage_env(shared_datasets)
+    env = stage_env(shared_datasets, root / "bentoml")
     log = run([str(VENV_BIN / "dvc"), "repro"], repo, env)
     return repo, env, log
+
+
+def test_export_writes_onnx_to_mlflow_and_the_bentoml_store(pipeline):
+    repo, env, _ = pipeline
+    record = json.loads((repo / "export/export.json").read_text())
+    champion = json.loads((repo / "champion.json").read_text())
+    assert record["model_name"] == champion["model"] and record["mlflow_run_id"] == champion["run_id"]
+    assert record["parity"]["argmax_disagreements"] == 0 and record["parity"]["images"] == 200
+    assert (repo / "export/model.onnx").is_file()
+    name, version = record["bentoml_tag"].split(":")
+    assert (Path(env["BENTOML_HOME"]) / "models" / name / version / "model.onnx").is_file()
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    assert [a.path for a in client.list_artifacts(champion["run_id"], "onnx")] == ["onnx/model.onnx"]
 
 
 def test_repro_writes_every_output(pipeline):
