@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import bentoml
-import onnx
 
 ONNX_FILE = "model.onnx"
 EXPORT_RECORD = Path(__file__).resolve().parents[1] / "export" / "export.json"
@@ -23,6 +22,8 @@ def default_model_tag(fallback: str = "fashion-mnist-classifier:latest") -> str:
 
 def read_metadata(path: Path | str) -> dict[str, object]:
     """An ONNX file's metadata_props, JSON values decoded."""
+    import onnx  # export time only: a bento serves without it
+
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     decoded = {}
     for key, value in props.items():
