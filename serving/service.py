@@ -1,8 +1,9 @@
 """The BentoML service: the exported champion over REST, adaptive batching on onnxruntime.
 
-Settings (environment variables): BENTO_MODEL_TAG (default: the tag in export/export.json), SERVING_DEVICE (auto, cpu, cuda),
-SERVING_WORKERS, SERVING_MAX_BATCH_SIZE, SERVING_MAX_BATCH_IMAGES, SERVING_MAX_BODY_BYTES,
-SERVING_MAX_IMAGE_PIXELS, SERVING_TIMEOUT_S, SERVING_TOP_K. Host and port: `bentoml serve --host --port`.
+Settings (environment variables): BENTO_MODEL_TAG (default: the tag in export/export.json),
+SERVING_DEVICE (auto, cpu, cuda), SERVING_WORKERS, SERVING_MAX_BATCH_SIZE, SERVING_MAX_BATCH_IMAGES,
+SERVING_MAX_BODY_BYTES, SERVING_MAX_IMAGE_PIXELS, SERVING_TIMEOUT_S, SERVING_TOP_K.
+Host and port: `bentoml serve --host --port`.
 """
 from __future__ import annotations
 
@@ -103,8 +104,7 @@ def images_to_array(images: list, limit: int, shape: tuple[int, ...]) -> np.ndar
 
 
 async def model_card(request: Request) -> JSONResponse:
-    service = bentoml.get_current_service()
-    return JSONResponse(await service.card())
+    return JSONResponse(bentoml.get_current_service().card())
 
 
 model_app = Starlette(routes=[Route("/", model_card, methods=["GET"])])
@@ -131,24 +131,23 @@ class Classifier:
     def __is_ready__(self) -> bool:
         return getattr(self, "ready", False)
 
-    async def card(self) -> dict[str, Any]:
+    def card(self) -> dict[str, Any]:
         keys = ("model_name", "dataset", "class_names", "val_accuracy", "test_accuracy", "mlflow_run_id",
                 "git_commit", "parameters", "input_spec")
         return {"bentoml_tag": str(self.bento_model.tag),
                 "execution_provider": self.model.provider,
                 **{k: self.metadata.get(k) for k in keys}}
 
-    async def _probabilities(self, api: str, images: np.ndarray) -> np.ndarray:
-        """Call the batched API through BentoML's in-process proxy (that is what routes a call through
-        the adaptive batcher); a call whose in-process connection breaks is idempotent, so retry it."""
-        call = getattr(self.to_async, api)
+    async def _batched_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """`infer` through BentoML's in-process proxy, which is what routes a call via the adaptive
+        batcher; a call whose in-process connection breaks is idempotent, so it is retried."""
         for attempt in range(1, CONNECTION_RETRIES + 1):
             try:
-                return np.asarray(await call(images))
+                return np.asarray(await self.to_async.infer(images))
             except aiohttp.ClientConnectionError as exc:
                 if attempt == CONNECTION_RETRIES:
                     raise
-                log.warning("in-process call to %s failed (%s); retrying", api, exc)
+                log.warning("in-process call to infer failed (%s); retrying", exc)
 
     def _prediction(self, probabilities: np.ndarray) -> Prediction:
         order = np.argsort(-probabilities)
@@ -178,7 +177,7 @@ class Classifier:
                 image_to_input, data, self.image_shape[-1], self.metadata["upload_fit"], MAX_IMAGE_PIXELS)
         except ImageError as exc:
             raise InvalidArgument(str(exc)) from None
-        probabilities = await self._probabilities("infer", pixels[None].astype(np.float32))
+        probabilities = await self._batched_probabilities(pixels[None].astype(np.float32))
         return self._prediction(probabilities[0])
 
     @bentoml.api
@@ -188,7 +187,7 @@ class Classifier:
                                                   f"{MAX_BATCH_IMAGES} per request", examples=[[EXAMPLE_IMAGE]])],
     ) -> list[Prediction]:
         """Classify many images given as pixel arrays; one result per image, in order."""
-        array = images_to_array(images, MAX_BATCH_IMAGES, self.image_shape)
+        array = await anyio.to_thread.run_sync(images_to_array, images, MAX_BATCH_IMAGES, self.image_shape)
         probabilities = await anyio.to_thread.run_sync(self.model.probabilities, array)
         return [self._prediction(p) for p in probabilities]
 
