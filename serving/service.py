@@ -107,11 +107,12 @@ async def model_card(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().card())
 
 
-model_app = Starlette(routes=[Route("/", model_card, methods=["GET"])])
+# mounted at the root, so that /model answers without a redirect to /model/
+model_app = Starlette(routes=[Route("/model", model_card, methods=["GET"])])
 
 
 @bentoml.service(name="fashion_mnist_classifier", workers=WORKERS, traffic={"timeout": TIMEOUT_S})
-@bentoml.asgi_app(model_app, path="/model", name="model-card")
+@bentoml.asgi_app(model_app, path="/", name="model-card")
 class Classifier:
     """Classifies 28x28 grey images of clothing (Fashion-MNIST) or digits (MNIST)."""
 

@@ -58,7 +58,9 @@ def test_health_endpoints(server):
 
 
 def test_model_card(server, model):
-    card = requests.get(f"{server.url}/model", timeout=5).json()
+    response = requests.get(f"{server.url}/model", timeout=5, allow_redirects=False)
+    assert response.status_code == 200  # no redirect to /model/: `curl .../model` just works
+    card = response.json()
     assert card["model_name"] == "mlp_512"
     assert card["bentoml_tag"] == model["tag"]
     assert card["dataset"] == "fashion-mnist"
@@ -236,6 +238,7 @@ def test_one_bad_request_never_fails_the_others_batched_with_it(server, model, o
 
 
 def test_openapi_docs_have_request_examples(server):
+    assert "swagger" in requests.get(f"{server.url}/", timeout=5).text.lower()
     spec = requests.get(f"{server.url}/docs.json", timeout=5).json()
     assert {"/predict", "/predict_batch"} <= set(spec["paths"])
     assert "examples" in str(spec["paths"]["/predict_batch"]) or "example" in str(spec["paths"]["/predict_batch"])
