@@ -1,10 +1,7 @@
 """evaluate stage (one per zoo model): validation and test metrics, confusion matrix, report, mistakes."""
 import csv
-import json
 import logging
 import sys
-import tempfile
-from pathlib import Path
 
 import mlflow
 import torch
