@@ -24,7 +24,11 @@ def read_metadata(path: Path | str) -> dict[str, object]:
     """An ONNX file's metadata_props, JSON values decoded."""
     import onnx  # export time only: a bento serves without it
 
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return decode_metadata({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props})
+
+
+def decode_metadata(props: dict[str, str]) -> dict[str, object]:
+    """ONNX metadata values are strings; the export stage JSON-encodes every non-string value."""
     decoded = {}
     for key, value in props.items():
         try:

@@ -1,7 +1,6 @@
 """onnxruntime for the service: a deliberate choice of execution provider, warmed before ready."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -9,6 +8,8 @@ import subprocess
 
 import numpy as np
 import onnxruntime as ort
+
+from serving.model_store import decode_metadata
 
 log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
@@ -58,8 +59,7 @@ class OnnxClassifier:
                         self.provider)
         log.info("onnxruntime %s on %s, %d intra-op threads", ort.__version__, self.provider,
                  options.intra_op_num_threads)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = {key: _json_or_str(value) for key, value in meta.items()}
+        self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         spec = self.metadata["input_spec"]
         self.input_name = spec["name"]
         self.image_shape = tuple(spec["shape"][1:])
@@ -72,10 +72,3 @@ class OnnxClassifier:
         """Run every batch size the batcher can form, so none pays a first-call cost while serving."""
         for size in range(1, max_batch_size + 1):
             self.probabilities(np.zeros((size, *self.image_shape), dtype=np.uint8))
-
-
-def _json_or_str(value: str):
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value

@@ -50,6 +50,14 @@ def http_server():
 
 
 @pytest.fixture
+def dest(tmp_path) -> Path:
+    """The empty download folder."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
 def source(tmp_path) -> tuple[Path, str, str]:
     """A folder with one small file; returns (folder, name, sha256)."""
     folder = tmp_path / "source"
@@ -63,35 +71,29 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_fetches_from_a_local_mirror_folder(tmp_path, source):
+def test_fetches_from_a_local_mirror_folder(dest, source):
     folder, name, digest = source
-    dest = tmp_path / "raw"
-    dest.mkdir()
     path = fetch_file(name, digest, dest, [str(folder)], progress=False)
     assert sha256(path) == digest
     assert _leftovers(dest) == [name]
 
 
-def test_fetches_from_a_base_url_over_http(tmp_path, source, http_server):
+def test_fetches_from_a_base_url_over_http(dest, source, http_server):
     folder, name, digest = source
     server, url = http_server(folder)
-    dest = tmp_path / "raw"
-    dest.mkdir()
     fetch_file(name, digest, dest, [url], progress=False)
     assert sha256(dest / name) == digest
     assert server.requests == [f"/{name}"]
 
 
-def test_checksum_mismatch_raises_and_leaves_no_file(tmp_path, source):
+def test_checksum_mismatch_raises_and_leaves_no_file(dest, source):
     folder, name, _ = source
-    dest = tmp_path / "raw"
-    dest.mkdir()
     with pytest.raises(FetchError, match="sha256 mismatch"):
         fetch_file(name, "0" * 64, dest, [str(folder)], progress=False)
     assert _leftovers(dest) == []
 
 
-def test_mirror_is_tried_first_then_the_official_urls(tmp_path, source, http_server):
+def test_mirror_is_tried_first_then_the_official_urls(tmp_path, dest, source, http_server):
     folder, name, digest = source
     empty = tmp_path / "empty-mirror"
     empty.mkdir()
@@ -102,8 +104,6 @@ def test_mirror_is_tried_first_then_the_official_urls(tmp_path, source, http_ser
     assert resolve_sources(spec, None) == ["http://official.invalid/"]
     # a mirror that lacks the file falls through to the next source
     server, url = http_server(folder)
-    dest = tmp_path / "raw"
-    dest.mkdir()
     fetch_file(name, digest, dest, [str(empty), url], progress=False)
     assert server.requests == [f"/{name}"]
     # and a mirror that has it is used without touching the next source
@@ -113,21 +113,17 @@ def test_mirror_is_tried_first_then_the_official_urls(tmp_path, source, http_ser
     assert server.requests == []
 
 
-def test_retries_a_transient_http_error(tmp_path, source, http_server):
+def test_retries_a_transient_http_error(dest, source, http_server):
     folder, name, digest = source
     server, url = http_server(folder, behaviour=["503"])
-    dest = tmp_path / "raw"
-    dest.mkdir()
     fetch_file(name, digest, dest, [url], backoff=0.01, progress=False)
     assert len(server.requests) == 2
     assert sha256(dest / name) == digest
 
 
-def test_an_interrupted_download_leaves_no_partial_file(tmp_path, source, http_server):
+def test_an_interrupted_download_leaves_no_partial_file(dest, source, http_server):
     folder, name, digest = source
     server, url = http_server(folder, behaviour=["truncate"] * 3)
-    dest = tmp_path / "raw"
-    dest.mkdir()
     with pytest.raises(FetchError) as error:
         fetch_file(name, digest, dest, [url], retries=3, backoff=0.01, progress=False)
     assert _leftovers(dest) == []
@@ -135,13 +131,11 @@ def test_an_interrupted_download_leaves_no_partial_file(tmp_path, source, http_s
     assert url in str(error.value)
 
 
-def test_when_every_source_fails_the_error_says_which_and_why(tmp_path, source, http_server):
+def test_when_every_source_fails_the_error_says_which_and_why(tmp_path, dest, source, http_server):
     folder, name, digest = source
     empty = tmp_path / "empty"
     empty.mkdir()
     server, url = http_server(empty)
-    dest = tmp_path / "raw"
-    dest.mkdir()
     unreachable = "http://127.0.0.1:9/"  # the discard port: connection refused
     with pytest.raises(FetchError) as error:
         fetch_file(name, digest, dest, [str(empty), url, unreachable], retries=2, backoff=0.01, timeout=2,
@@ -154,11 +148,9 @@ def test_when_every_source_fails_the_error_says_which_and_why(tmp_path, source, 
     assert _leftovers(dest) == []
 
 
-def test_already_verified_files_are_not_downloaded_again(tmp_path, source, http_server):
+def test_already_verified_files_are_not_downloaded_again(dest, source, http_server):
     folder, name, digest = source
     server, url = http_server(folder)
-    dest = tmp_path / "raw"
-    dest.mkdir()
     fetch_file(name, digest, dest, [url], progress=False)
     fetch_file(name, digest, dest, [url], progress=False)
     assert server.requests == [f"/{name}"]
