@@ -7,6 +7,7 @@ round-trips exactly. The dataset-specific numbers come from the model's metadata
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -20,22 +21,13 @@ class ImageError(ValueError):
     """The upload is not an image this service can use; the message says why."""
 
 
-def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Bytes to a fully decoded PIL image, or ImageError naming the problem."""
-    if not data:
-        raise ImageError("the image file is empty (0 bytes)")
+@contextlib.contextmanager
+def _as_image_errors():
+    """PIL's many exception types for bad files, as one ImageError with a message a person can act on."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(f"the image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels")
-            image.load()
-            if image.mode != "P":
-                image = ImageOps.exif_transpose(image)
-    except ImageError:
-        raise
+            yield
     except UnidentifiedImageError:
         raise ImageError("the file is not an image in a format this service reads "
                          "(PNG, JPEG, BMP, GIF, WebP, TIFF, ...)") from None
@@ -43,6 +35,17 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError(f"the image is too large to decode safely: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"the image file is truncated or corrupt: {exc}") from None
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Reads only the header (format and size), so the pixel limit holds before anything is decoded."""
+    if not data:
+        raise ImageError("the image file is empty (0 bytes)")
+    with _as_image_errors():
+        image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"the image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels")
     return image
 
 
@@ -75,10 +78,18 @@ def fit_and_centre(pixels: np.ndarray, size: int, fit: int) -> np.ndarray:
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def image_to_input(data: bytes, size: int = 28, fit: int = 28, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An uploaded file to a uint8 array [1, size, size] the model takes."""
-    image = decode(data, max_pixels)
-    pixels = dark_background(to_grey(image))
+def to_model_input(image: Image.Image, size: int = 28, fit: int = 28) -> np.ndarray:
+    """An opened upload, decoded, to the uint8 array [1, size, size] the model takes."""
+    with _as_image_errors():
+        image.load()
+        if image.mode != "P":
+            image = ImageOps.exif_transpose(image)
+        pixels = dark_background(to_grey(image))
     if pixels.shape != (size, size):
         pixels = fit_and_centre(pixels, size, fit)
     return pixels[None]
+
+
+def image_to_input(data: bytes, size: int = 28, fit: int = 28, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An uploaded file to the uint8 array [1, size, size] the model takes."""
+    return to_model_input(open_image(data, max_pixels), size, fit)

@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import onnxruntime as ort
 
-from serving.model_store import decode_metadata
+from serving.model_store import decode_metadata, file_sha256
 
 log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
@@ -39,18 +39,42 @@ def choose_providers(device: str) -> list:
     return [CPU]
 
 
+class ModelFileError(RuntimeError):
+    """The model file is missing, altered since export, or not a model onnxruntime can load."""
+
+
+def verified_model_file(path: str, expected_sha256: str | None) -> str:
+    """Refuse to serve a model file that is missing or differs from the one the export stage wrote."""
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model file {path} is missing: re-run the export stage (`dvc repro export`)")
+    if expected_sha256 is None:
+        log.warning("no checksum recorded for %s: its integrity is not verified", path)
+    elif (actual := file_sha256(path)) != expected_sha256:
+        raise ModelFileError(f"model file {path} is corrupt: sha256 {actual} differs from {expected_sha256} "
+                             "recorded at export; re-run the export stage (`dvc repro export`)")
+    return path
+
+
 class OnnxClassifier:
     """The exported model: uint8 images [N,1,28,28] in, class probabilities out."""
 
-    def __init__(self, path: str, device: str = "auto", threads: int | None = None):
+    def __init__(self, path: str, device: str = "auto", threads: int | None = None,
+                 expected_sha256: str | None = None):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
+        # idle intra-op threads sleep instead of spinning: workers share the CPUs with the HTTP event loops
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = choose_providers(device)
         ort.set_default_logger_severity(4)  # a CUDA provider that fails to load is reported below, once
         try:
-            self.session = ort.InferenceSession(path, options, providers=providers)
+            self.session = ort.InferenceSession(verified_model_file(path, expected_sha256), options,
+                                                providers=providers)
+        except ModelFileError:
+            raise
+        except Exception as exc:  # onnxruntime's own errors for files that are not valid models
+            raise ModelFileError(f"model file {path} cannot be loaded by onnxruntime: {exc}") from None
         finally:
             ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
         self.provider = self.session.get_providers()[0]

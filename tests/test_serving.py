@@ -132,10 +132,9 @@ def test_concurrent_requests_are_batched(server, model):
 
     with ThreadPoolExecutor(64) as pool:
         assert set(pool.map(post, range(512))) == {200}
-    samples = metric_samples(requests.get(f"{server.url}/metrics", timeout=5).text,
-                             "bentoml_service_adaptive_batch_size")
-    count = sum(v for k, v in samples.items() if "_count" in k and 'method_name="infer"' in k)
-    size_one = sum(v for k, v in samples.items() if 'le="1.0"' in k and 'method_name="infer"' in k)
+    samples = metric_samples(requests.get(f"{server.url}/metrics", timeout=5).text, "serving_batch_size")
+    count = sum(v for k, v in samples.items() if "_count" in k)
+    size_one = sum(v for k, v in samples.items() if 'le="1.0"' in k)
     assert count > 0 and size_one < count, samples  # some batches held more than one image
 
 
@@ -172,7 +171,10 @@ BAD_BATCHES = {
     "over 255": ({"images": [[[300] * 28] * 28]}, "integers 0-255"),
     "negative": ({"images": [[[-1] * 28] * 28]}, "integers 0-255"),
     "fractional": ({"images": [[[0.5] * 28] * 28]}, "integers 0-255"),
-    "not finite": ('{"images": [[' + ",".join(["NaN"] * 784) + "]]}", "finite"),
+    "not finite": ('{"images": [[' + ",".join(["NaN"] * 784) + "]]}", "not valid JSON"),
+    "not JSON": ("{images: [", "not valid JSON"),
+    "booleans": ({"images": [[[True] * 28] * 28]}, "non-numeric"),
+    "not an object": ([[[0] * 28] * 28], "send a JSON object"),
     "strings": ({"images": [[["a"] * 28] * 28]}, "non-numeric"),
     "empty list": ({"images": []}, "non-empty"),
     "too many images": ({"images": [[0] * 784] * 1025}, "the limit is 1024"),
@@ -189,10 +191,10 @@ def test_bad_batches_are_400_with_a_message(server, case):
     assert message in response.text
 
 
-def test_body_over_the_size_limit_is_400(server):
+def test_body_over_the_size_limit_is_413(server):
     data = np.random.default_rng(0).bytes(MAX_BODY + 1000)
     response = requests.post(f"{server.url}/predict", files={"image": ("x.png", data)}, timeout=30)
-    assert response.status_code == 400 and "request body too large" in response.text
+    assert response.status_code == 413 and "request body too large" in response.text
 
     def chunks():  # no Content-Length: the limit still holds
         for _ in range(5):
@@ -200,10 +202,10 @@ def test_body_over_the_size_limit_is_400(server):
 
     response = requests.post(f"{server.url}/predict_batch", data=chunks(), timeout=30,
                              headers={"content-type": "application/json"})
-    assert response.status_code == 400 and "request body too large" in response.text
+    assert response.status_code == 413 and "request body too large" in response.text
 
 
-def test_wrong_content_type_and_missing_field_are_400(server, model):
+def test_wrong_content_type_is_415_and_missing_field_400(server, model):
     missing = requests.post(f"{server.url}/predict", files={"picture": ("x.png", png(model["x"][0, 0]))},
                             timeout=10)
     assert missing.status_code == 400 and "missing multipart field `image`" in missing.text
@@ -213,13 +215,16 @@ def test_wrong_content_type_and_missing_field_are_400(server, model):
     as_text = requests.post(f"{server.url}/predict", files={"image": (None, "not a file")}, timeout=10)
     assert as_text.status_code == 400 and "must be a file upload" in as_text.text
     as_json = requests.post(f"{server.url}/predict", json={"image": "x.png"}, timeout=10)
-    assert 400 <= as_json.status_code < 500, as_json.text
+    assert as_json.status_code == 415 and "multipart/form-data" in as_json.json()["error"], as_json.text
     plain_text = requests.post(f"{server.url}/predict_batch", data="images=1", timeout=10,
                                headers={"content-type": "text/plain"})
-    assert 400 <= plain_text.status_code < 500, plain_text.text
+    assert plain_text.status_code == 415 and "application/json" in plain_text.json()["error"], plain_text.text
     raw_png = requests.post(f"{server.url}/predict", data=png(model["x"][0, 0]), timeout=10,
                             headers={"content-type": "image/png"})
-    assert 400 <= raw_png.status_code < 500, raw_png.text
+    assert raw_png.status_code == 415, raw_png.text
+    broken = requests.post(f"{server.url}/predict", data=b"--xyz\r\nnot multipart", timeout=10,
+                           headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert broken.status_code == 400, broken.text
 
 
 def test_one_bad_request_never_fails_the_others_batched_with_it(server, model, offline):

@@ -1,0 +1,77 @@
+"""The obvious alternative our service is measured against: FastAPI + uvicorn calling the model once per
+request, written the way most tutorials do (library defaults, no batching, no tuning).
+
+`PEER_BACKEND=onnx` runs the exported ONNX file with onnxruntime (peer 1), `PEER_BACKEND=torch` the
+champion's PyTorch weights eagerly (peer 2). Both use the service's own upload preprocessing and answer
+in the service's format, so every server does the same work per image:
+
+    PEER_BACKEND=onnx uvicorn benchmarks.peer:app --workers 2 --port 3001
+"""
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import numpy as np
+from fastapi import FastAPI, File, UploadFile
+from pydantic import BaseModel, Field
+
+from serving.model_store import read_metadata
+from serving.preprocess import image_to_input
+from serving.local_server import REPO
+from training.checkpoint import read_json
+
+ONNX_PATH = REPO / "export" / "model.onnx"
+BACKEND = os.environ.get("PEER_BACKEND", "onnx")
+METADATA = read_metadata(ONNX_PATH)
+CLASS_NAMES: list[str] = METADATA["class_names"]
+
+
+def onnx_model():
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(ONNX_PATH), providers=["CPUExecutionProvider"])
+    return lambda images: session.run(["probabilities"], {"images": images})[0]
+
+
+def torch_model():
+    import torch
+
+    from training.checkpoint import load_trained
+    from training.config import CARD_FILE, load_params
+    from training.export import ServingModel
+
+    net = ServingModel(load_trained(METADATA["model_name"], load_params(), read_json(CARD_FILE))).eval()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(np.ascontiguousarray(images).copy()))[1].numpy()
+
+    return run
+
+
+model = {"onnx": onnx_model, "torch": torch_model}[BACKEND]()
+app = FastAPI(title=f"peer: FastAPI + {BACKEND}")
+
+
+class Batch(BaseModel):
+    images: list[list[list[Annotated[int, Field(ge=0, le=255)]]]]
+
+
+def prediction(probabilities: np.ndarray) -> dict:
+    order = np.argsort(-probabilities)
+    return {"label": int(order[0]), "class_name": CLASS_NAMES[order[0]],
+            "confidence": float(probabilities[order[0]]),
+            "top_k": [{"class_name": CLASS_NAMES[i], "probability": float(probabilities[i])} for i in order[:3]]}
+
+
+@app.post("/predict")
+async def predict(image: UploadFile = File(...)):
+    pixels = image_to_input(await image.read(), 28, METADATA["upload_fit"])
+    return prediction(model(pixels[None])[0])
+
+
+@app.post("/predict_batch")
+async def predict_batch(batch: Batch):
+    images = np.asarray(batch.images, dtype=np.uint8)[:, None]
+    return [prediction(p) for p in model(images)]
