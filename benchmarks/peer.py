@@ -16,9 +16,9 @@ import numpy as np
 from fastapi import FastAPI, File, UploadFile
 from pydantic import BaseModel, Field
 
+from serving.local_server import REPO
 from serving.model_store import read_metadata
 from serving.preprocess import image_to_input
-from serving.local_server import REPO
 from training.checkpoint import read_json
 
 ONNX_PATH = REPO / "export" / "model.onnx"

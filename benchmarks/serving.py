@@ -1,8 +1,14 @@
-"""Serving benchmark (`make bench`): the champion behind `bentoml serve`, loaded from a separate process.
+"""Serving benchmark (`make bench`): our service against the obvious alternatives, side by side in one run.
 
-/predict (one PNG per request) at 1, 16 and 64 concurrent clients, and /predict_batch with 256 images
-per request against raw in-process onnxruntime on the same model and batch size. Each point is the
-median of several bounded runs. Prints a table and writes JSON.
+Servers, all on the exported champion and the same payloads, loaded from a separate process
+(benchmarks/loadgen.py, bounded by request count and duration):
+- ours: `bentoml serve serving.service:Classifier`, the `make serve` configuration;
+- peer 1: FastAPI + uvicorn running onnxruntime once per request (benchmarks/peer.py), as many workers;
+- peer 2: the same FastAPI app running the PyTorch model eagerly;
+- the limit: raw in-process onnxruntime at the same batch sizes, payload decoding included.
+Single images (PNG upload and JSON) at 1, 16, 64 and 256 clients, bulk requests of 256 images, then, for
+our service only, 256 clients for 60 s and the workers' memory over 100,000 requests. Each point is the
+median of several runs. Prints tables and writes JSON (benchmarks/results/serving.json).
 """
 from __future__ import annotations
 
@@ -20,116 +26,186 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import requests
+import psutil
 from PIL import Image
+from tqdm import tqdm
 
-from serving.local_server import REPO, LocalServer
+from serving.inputs import parse_batch
+from serving.local_server import REPO, ChildServer, LocalServer
+from serving.preprocess import image_to_input
+from serving.runtime import OnnxClassifier
 
 EXPORT = REPO / "export" / "model.onnx"
 DATASET = REPO / "data" / "prepared" / "dataset.npz"
+WORKERS = int(os.environ.get("SERVING_WORKERS", str(os.cpu_count() or 1)))
 
 
-def write_payloads(folder: Path, images: np.ndarray) -> tuple[Path, Path]:
-    pngs = {}
-    for i, image in enumerate(images[:200]):
-        buffer = io.BytesIO()
-        Image.fromarray(image[0]).save(buffer, format="PNG")
-        pngs[f"p{i:03d}"] = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
-    np.savez(folder / "png.npz", **pngs)
-    np.savez(folder / "batch.npz", images=images[:, 0])
-    return folder / "png.npz", folder / "batch.npz"
+def start(name: str, folder: Path) -> ChildServer:
+    log = folder / f"{name}.log"
+    if name == "ours":
+        return LocalServer("serving.service:Classifier", log).wait_ready()
+    backend = {"peer1_fastapi_onnx": "onnx", "peer2_fastapi_torch": "torch"}[name]
+    command = [str(Path(sys.executable).parent / "uvicorn"), "benchmarks.peer:app", "--host", "127.0.0.1",
+               "--port", "{port}", "--workers", str(WORKERS), "--log-level", "warning"]
+    return ChildServer(command, log, "/docs", PEER_BACKEND=backend).wait_ready()
 
 
-def loadgen(url: str, endpoint: str, payloads: Path, concurrency: int, count: int, duration: float) -> dict:
+def loadgen(url: str, kind: str, images: Path, concurrency: int, count: int, duration: float) -> dict:
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--endpoint", endpoint, "--payloads",
-         str(payloads), "--concurrency", str(concurrency), "--requests", str(count), "--duration",
-         str(duration)], cwd=REPO, capture_output=True, text=True, check=True, timeout=duration + 180)
+        [sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--kind", kind, "--images", str(images),
+         "--concurrency", str(concurrency), "--requests", str(count), "--duration", str(duration)],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=duration + 300)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def median_of(runs: list[dict]) -> dict:
-    keys = ("requests_per_s", "p50_ms", "p99_ms")
-    result = {k: statistics.median(r[k] for r in runs) for k in keys}
+    result = {k: statistics.median(r[k] for r in runs) for k in ("requests_per_s", "p50_ms", "p99_ms")}
     result["requests"] = sum(r["requests"] for r in runs)
-    result["non_2xx"] = sum(sum(r["non_2xx"].values()) for r in runs)
+    result["errors"] = sum(sum(r["errors"].values()) for r in runs)
     result["runs"] = runs
     return result
 
 
-def raw_onnxruntime(images: np.ndarray, batch: int, repeats: int) -> dict:
-    """The same model in-process: JSON decode + validation-equivalent conversion + one session.run."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
-    session = ort.InferenceSession(str(EXPORT), options, providers=["CPUExecutionProvider"])
-    body = json.dumps({"images": images[:batch, 0].tolist()})
-    timings, run_only = [], []
-    session.run(["probabilities"], {"images": images[:batch]})
-    for _ in range(repeats):
-        start = time.perf_counter()
-        array = np.asarray(json.loads(body)["images"], dtype=np.float64).astype(np.uint8)[:, None]
-        middle = time.perf_counter()
-        session.run(["probabilities"], {"images": array})
-        end = time.perf_counter()
-        timings.append(end - start)
-        run_only.append(end - middle)
-    return {"images_per_s": batch / statistics.median(timings),
-            "images_per_s_session_run_only": batch / statistics.median(run_only)}
+def server_rss(server: ChildServer) -> int:
+    """Resident memory of the server and all its processes (BentoML's arbiter and workers)."""
+    root = psutil.Process(server.process.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+def raw_onnxruntime(images: np.ndarray, repeats: int) -> dict:
+    """The limit: the model in-process with the service's session options, decoding included: a PNG per
+    image at batch 1, a JSON body at batch 256, both through the service's own decoding code."""
+    model = OnnxClassifier(str(EXPORT), device="cpu", threads=os.cpu_count())
+    pngs = []
+    for image in images[:200]:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    body = json.dumps({"images": images[:256].tolist()}).encode()
+    shape = (1, *images.shape[1:])
+    model.warm_up(4)
+
+    def per_second(work, count: int) -> float:
+        timings = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            timings.append(time.perf_counter() - start)
+        return count / statistics.median(timings)
+
+    return {
+        "png_batch_1_images_per_s": per_second(
+            lambda: [model.probabilities(image_to_input(data)[None]) for data in pngs], len(pngs)),
+        "json_batch_256_images_per_s": per_second(
+            lambda: model.probabilities(parse_batch(body, 1024, shape)), 256),
+        "session_run_batch_256_images_per_s": per_second(lambda: model.probabilities(images[:256, None]), 256),
+    }
+
+
+def table(results: dict) -> str:
+    names = list(results["servers"])
+    lines = ["| server | request | clients | requests/s | p50 ms | p99 ms | requests | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for kind in ("png", "json"):
+        for concurrency in results["concurrency"]:
+            for name in names:
+                r = results["servers"][name][kind][str(concurrency)]
+                lines.append(f"| {name} | {kind} | {concurrency} | {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | "
+                             f"{r['p99_ms']:.1f} | {r['requests']} | {r['errors']} |")
+    if "ratios" in results:
+        lines += ["", "| ratio ours / peer 1, requests/s | " + " | ".join(f"{c} clients" for c in results["concurrency"])
+                  + " |", "|---|" + "---:|" * len(results["concurrency"])]
+        for kind in ("png", "json"):
+            ratios = results["ratios"][kind]
+            lines.append(f"| {kind} | " + " | ".join(f"{ratios[str(c)]:.2f}" for c in results["concurrency"]) + " |")
+    lines += ["", "| bulk: 256 images per request | images/s | p99 ms | errors |", "|---|---:|---:|---:|"]
+    for name in names:
+        b = results["servers"][name]["bulk"]
+        lines.append(f"| {name}, 1 client | {b['images_per_s']:.0f} | {b['p99_ms']:.1f} | {b['errors']} |")
+    raw = results["raw_onnxruntime"]
+    lines.append(f"| raw onnxruntime, JSON decoding included | {raw['json_batch_256_images_per_s']:.0f} | | |")
+    lines.append(f"| raw onnxruntime, session.run only | {raw['session_run_batch_256_images_per_s']:.0f} | | |")
+    lines.append(f"| raw onnxruntime, batch 1, PNG decoding included | {raw['png_batch_1_images_per_s']:.0f} | | |")
+    if "bulk_vs_raw" in results:
+        lines.append(f"\nbulk, ours / raw onnxruntime with JSON decoding: {results['bulk_vs_raw']:.2f}")
+    if "soak" in results:
+        s = results["soak"]
+        lines.append(f"soak, ours, {s['concurrency']} clients for {s['seconds']:.0f} s: {s['requests']} requests, "
+                     f"{s['requests_per_s']:.0f}/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, errors "
+                     f"{s['errors'] or 'none'}")
+    if "memory" in results:
+        m = results["memory"]
+        lines.append(f"memory, ours: RSS {m['rss_before_mb']:.0f} MB -> {m['rss_after_mb']:.0f} MB over "
+                     f"{m['requests']} requests ({100 * m['growth']:+.1f}%), errors {m['errors'] or 'none'}")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=2000, help="bound per run")
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds per run at most")
+    parser.add_argument("--requests", type=int, default=6000, help="bound per run")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per run at most")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--servers", nargs="+", default=["ours", "peer1_fastapi_onnx", "peer2_fastapi_torch"])
+    parser.add_argument("--soak-seconds", type=float, default=60.0, help="0 to skip")
+    parser.add_argument("--memory-requests", type=int, default=100_000, help="0 to skip")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "serving.json")
     args = parser.parse_args()
     if not EXPORT.is_file() or not DATASET.is_file():
         sys.exit("run `make run` first: the benchmark serves the exported champion")
     with np.load(DATASET) as data:
-        images = data["x_test"][:1024]
+        images = np.ascontiguousarray(data["x_test"][:2048, 0])
 
-    results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                 "onnxruntime": ort.__version__}}
+    results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "workers": WORKERS,
+                                 "onnxruntime": ort.__version__},
+                     "concurrency": args.concurrency, "repeats": args.repeats, "servers": {}}
+    plan = [(kind, c) for kind in ("png", "json") for c in args.concurrency]
     with tempfile.TemporaryDirectory() as tmp:
-        png_payloads, batch_payloads = write_payloads(Path(tmp), images)
-        server = LocalServer("serving.service:Classifier", Path(tmp) / "serve.log").wait_ready()
-        try:
-            loadgen(server.url, "predict", png_payloads, 16, 500, 10)  # warm-up, not reported
-            results["provider"] = requests.get(f"{server.url}/model", timeout=10).json()[
-                "execution_provider"]
-            results["predict"] = {}
-            for concurrency in (1, 16, 64):
-                runs = [loadgen(server.url, "predict", png_payloads, concurrency, args.requests, args.duration)
-                        for _ in range(args.repeats)]
-                results["predict"][concurrency] = median_of(runs)
-                print(f"/predict c={concurrency}: {results['predict'][concurrency]['requests_per_s']:.0f} req/s",
-                      file=sys.stderr)
-            runs = [loadgen(server.url, "predict_batch", batch_payloads, 1, 40, args.duration)
-                    for _ in range(args.repeats)]
-            batch = median_of(runs)
-            batch["images_per_s"] = batch["requests_per_s"] * 256
-            results["predict_batch_256"] = batch
-        finally:
-            server.close()
-    results["raw_onnxruntime_256"] = raw_onnxruntime(images, 256, repeats=30)
-    ratio = results["predict_batch_256"]["images_per_s"] / results["raw_onnxruntime_256"]["images_per_s"]
-    results["predict_batch_vs_raw"] = ratio
-
-    lines = [f"serving benchmark ({results['provider']}, {os.cpu_count()} CPUs; medians of {args.repeats} runs)",
-             "| load | requests/s | p50 ms | p99 ms | requests | non-2xx |", "|---|---:|---:|---:|---:|---:|"]
-    for concurrency, r in results["predict"].items():
-        lines.append(f"| /predict, {concurrency} clients | {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['requests']} | {r['non_2xx']} |")
-    b = results["predict_batch_256"]
-    lines.append(f"| /predict_batch x256, 1 client | {b['requests_per_s']:.1f} | {b['p50_ms']:.1f} | "
-                 f"{b['p99_ms']:.1f} | {b['requests']} | {b['non_2xx']} |")
-    raw = results["raw_onnxruntime_256"]
-    lines.append("")
-    lines.append(f"/predict_batch: {b['images_per_s']:.0f} images/s; raw in-process onnxruntime at batch 256: "
-                 f"{raw['images_per_s']:.0f} images/s with JSON decoding, {raw['images_per_s_session_run_only']:.0f} "
-                 f"session.run only; ratio {ratio:.2f}")
-    print("\n".join(lines))
+        folder = Path(tmp)
+        np.save(folder / "images.npy", images)
+        payloads = folder / "images.npy"
+        for name in args.servers:
+            server = start(name, folder)
+            try:
+                loadgen(server.url, "png", payloads, 16, 500, 5)  # warm-up, not reported
+                measured: dict = {"png": {}, "json": {}}
+                for kind, concurrency in tqdm(plan, desc=name, unit="load", file=sys.stderr):
+                    runs = [loadgen(server.url, kind, payloads, concurrency, args.requests, args.duration)
+                            for _ in range(args.repeats)]
+                    measured[kind][str(concurrency)] = median_of(runs)
+                bulk = median_of([loadgen(server.url, "bulk", payloads, 1, 40, args.duration)
+                                  for _ in range(args.repeats)])
+                bulk["images_per_s"] = bulk["requests_per_s"] * 256
+                measured["bulk"] = bulk
+                results["servers"][name] = measured
+                if name == "ours" and args.soak_seconds:
+                    print(f"soak: 256 clients for {args.soak_seconds:.0f} s", file=sys.stderr)
+                    soak = loadgen(server.url, "png", payloads, 256, 10**9, args.soak_seconds)
+                    results["soak"] = {**soak, "errors": sum(soak["errors"].values())}
+                if name == "ours" and args.memory_requests:
+                    print(f"memory: {args.memory_requests} requests from 64 clients", file=sys.stderr)
+                    before = server_rss(server)
+                    runs = [loadgen(server.url, kind, payloads, 64, args.memory_requests // 2, 3600)
+                            for kind in ("png", "json")]
+                    after = server_rss(server)
+                    results["memory"] = {"rss_before_mb": before / 2**20, "rss_after_mb": after / 2**20,
+                                         "growth": after / before - 1,
+                                         "requests": sum(r["requests"] for r in runs),
+                                         "errors": sum(sum(r["errors"].values()) for r in runs)}
+            finally:
+                server.close()
+    results["raw_onnxruntime"] = raw_onnxruntime(images, repeats=5)
+    if "ours" in results["servers"]:
+        ours = results["servers"]["ours"]
+        results["bulk_vs_raw"] = ours["bulk"]["images_per_s"] / results["raw_onnxruntime"][
+            "json_batch_256_images_per_s"]
+        if "peer1_fastapi_onnx" in results["servers"]:
+            peer = results["servers"]["peer1_fastapi_onnx"]
+            results["ratios"] = {kind: {c: ours[kind][c]["requests_per_s"] / peer[kind][c]["requests_per_s"]
+                                        for c in ours[kind]} for kind in ("png", "json")}
+    text = table(results)
+    print(f"serving benchmark: {os.cpu_count()} CPUs, {WORKERS} workers per server, medians of {args.repeats} runs")
+    print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.output}")

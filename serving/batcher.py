@@ -3,9 +3,10 @@ is busy form its next batch. A lone request runs at once; under load, batches gr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 
@@ -18,6 +19,7 @@ class MicroBatcher:
     def __init__(self, model: Callable[[np.ndarray], np.ndarray], max_batch_size: int,
                  on_batch: Callable[[int], None] = lambda size: None):
         self.model = model
+        self.callers = 0  # requests between `tracked()` and their answer: the load on this worker
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch
         self.pending: deque[tuple[np.ndarray, asyncio.Future]] = deque()
@@ -25,11 +27,30 @@ class MicroBatcher:
         self.runner: asyncio.Task | None = None
 
     async def __call__(self, images: np.ndarray) -> np.ndarray:
+        if len(images) == 1 and self._idle():
+            await asyncio.sleep(0)  # requests already received get to announce themselves first
+            if self._idle() and self.callers <= 1:
+                # the only request in this worker: nothing to batch or overlap with, and a hop to the model
+                # thread would only add latency
+                self.on_batch(1)
+                return self.model(images)
         future = asyncio.get_running_loop().create_future()
         self.pending.append((images, future))
-        if self.runner is None or self.runner.done():
+        if self._idle():
             self.runner = asyncio.create_task(self._run_pending())
         return await future
+
+    def _idle(self) -> bool:
+        return self.runner is None or self.runner.done()
+
+    @contextlib.contextmanager
+    def tracked(self):
+        """Around a whole request (parsing included), so that the batcher knows whether others are coming."""
+        self.callers += 1
+        try:
+            yield
+        finally:
+            self.callers -= 1
 
     def _next_batch(self) -> list[tuple[np.ndarray, asyncio.Future]]:
         batch, size = [], 0

@@ -19,29 +19,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalServer:
-    """Starts `bentoml serve <target>` on a free loopback port; `close()` stops it (SIGTERM, then kill)."""
+class ChildServer:
+    """Starts a server command (`{port}` in it: a free loopback port) and waits for `ready_path` to answer
+    200; `close()` stops it (SIGTERM, then kill)."""
 
-    def __init__(self, target: str, log_path: Path, **env: str):
+    def __init__(self, command: list[str], log_path: Path, ready_path: str, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_path = ready_path
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
+            [part.format(port=self.port) for part in command], cwd=REPO, stdout=self.log,
+            stderr=subprocess.STDOUT, env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
         )
 
-    def wait_ready(self, timeout: float = 180) -> "LocalServer":
+    def wait_ready(self, timeout: float = 180) -> ChildServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None or "Application startup failed" in self.log_path.read_text():
                 self.close()
-                raise RuntimeError(f"bentoml serve failed to start:\n{self.log_path.read_text()[-5000:]}")
+                raise RuntimeError(f"{self.process.args[0]} failed to start:\n{self.log_path.read_text()[-5000:]}")
             try:
-                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if requests.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
@@ -57,3 +57,11 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.log.close()
+
+
+class LocalServer(ChildServer):
+    """`bentoml serve <target>` on a free loopback port, ready when /readyz says so."""
+
+    def __init__(self, target: str, log_path: Path, **env: str):
+        super().__init__([str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1",
+                          "--port", "{port}"], log_path, "/readyz", **env)

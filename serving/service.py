@@ -101,8 +101,9 @@ async def client_error(request: Request, exc: ClientError) -> Response:
 async def predict(request: Request) -> Response:
     """Classify one image file (multipart field `image`): any size, colour or grey."""
     service: Classifier = bentoml.get_current_service()
-    data = await read_upload(request, "image")
-    return json_response(service.prediction((await service.batcher(await service.decode(data)))[0]))
+    with service.batcher.tracked():
+        data = await read_upload(request, "image")
+        return json_response(service.predictions(await service.batcher(await service.decode(data)))[0])
 
 
 @api.post("/predict_batch", response_model=list[Prediction], responses=ERRORS, openapi_extra={"requestBody": {
@@ -112,10 +113,11 @@ async def predict_batch(request: Request) -> Response:
     service: Classifier = bentoml.get_current_service()
     if not request.headers.get("content-type", "").startswith("application/json"):
         raise ClientError('send JSON (content type application/json): {"images": [...]}', status=415)
-    body = await request.body()
-    args = (body, MAX_BATCH_IMAGES, service.image_shape)
-    images = parse_batch(*args) if len(body) <= INLINE_BYTES else await anyio.to_thread.run_sync(parse_batch, *args)
-    return json_response([service.prediction(p) for p in await service.batcher(images)])
+    with service.batcher.tracked():
+        body = await request.body()
+        args = (body, MAX_BATCH_IMAGES, service.image_shape)
+        images = parse_batch(*args) if len(body) <= INLINE_BYTES else await anyio.to_thread.run_sync(parse_batch, *args)
+        return json_response(service.predictions(await service.batcher(images)))
 
 
 @api.get("/model")
@@ -165,9 +167,11 @@ class Classifier:
         except ImageError as exc:
             raise ClientError(str(exc)) from None
 
-    def prediction(self, probabilities: np.ndarray) -> dict[str, Any]:
-        order = np.argsort(-probabilities)[:TOP_K]
-        return {"label": int(order[0]), "class_name": self.class_names[order[0]],
-                "confidence": float(probabilities[order[0]]),
-                "top_k": [{"class_name": self.class_names[i], "probability": float(probabilities[i])}
-                          for i in order]}
+    def predictions(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
+        """One Prediction per row of class probabilities [N, classes]."""
+        top = np.argsort(-probabilities, axis=1)[:, :TOP_K]
+        top_p = np.take_along_axis(probabilities, top, axis=1).tolist()
+        names = self.class_names
+        return [{"label": labels[0], "class_name": names[labels[0]], "confidence": p[0],
+                 "top_k": [{"class_name": names[i], "probability": q} for i, q in zip(labels, p)]}
+                for labels, p in zip(top.tolist(), top_p)]

@@ -1,12 +1,16 @@
 """The fetch stage's download logic, against local folders and HTTP servers on loopback."""
 import http.server
+import signal
+import subprocess
+import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import sha256
+from tests.conftest import REPO, sha256
 from training.datasets import DatasetSpec, get_spec
 from training.fetch import FetchError, fetch_dataset, fetch_file, resolve_sources
 
@@ -28,6 +32,14 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
             self.close_connection = True
+        elif behaviour == "stall":  # send half the file, then keep the connection open
+            data = Path(self.translate_path(self.path)).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            time.sleep(30)
         else:
             super().do_GET()
 
@@ -166,3 +178,27 @@ def test_fetches_the_official_files_from_the_offline_mirror(tmp_path, shared_dat
     paths = fetch_dataset(spec, tmp_path / "raw", mirror=str(shared_datasets / "{dataset}"), progress=False)
     assert sorted(p.name for p in paths) == sorted(spec.files)
     assert all(sha256(p) == spec.sha256[p.name] for p in paths)
+
+
+def test_a_download_killed_midway_leaves_nothing_a_later_run_trusts(tmp_path, dest, http_server):
+    """kill -9 while the bytes arrive: no file under the final name; the next run fetches and verifies it
+    and removes the partial file."""
+    folder, name = tmp_path / "big-source", "big.gz"
+    folder.mkdir()
+    (folder / name).write_bytes(bytes(range(256)) * 32768)  # 8 MiB: several read chunks before the stall
+    digest = sha256(folder / name)
+    _, stalling = http_server(folder, behaviour=["stall"])
+    code = ("import sys; from pathlib import Path; from training.fetch import fetch_file; "
+            "fetch_file(sys.argv[1], sys.argv[2], Path(sys.argv[3]), [sys.argv[4]], progress=False)")
+    process = subprocess.Popen([sys.executable, "-c", code, name, digest, str(dest), stalling], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size for p in dest.glob("*.part")):
+        assert time.monotonic() < deadline and process.poll() is None, "the download never started"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    assert not (dest / name).exists()
+    spec = DatasetSpec("toy", urls=(), sha256={name: digest}, class_names=("a",), hflip_ok=False, upload_fit=28)
+    fetch_dataset(spec, dest, mirror=str(folder), progress=False)
+    assert sha256(dest / name) == digest
+    assert _leftovers(dest) == [name]

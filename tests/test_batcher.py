@@ -1,0 +1,87 @@
+"""The adaptive batcher, with a model that records the batches it is given."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from serving.batcher import MicroBatcher
+
+
+class RecordingModel:
+    def __init__(self, fail: bool = False):
+        self.batches: list[int] = []
+        self.fail = fail
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.batches.append(len(images))
+        if self.fail:
+            raise RuntimeError("model failed")
+        return images.reshape(len(images), -1).sum(axis=1, keepdims=True) * 2  # a per-image answer
+
+
+def requests(count: int, size: int = 1) -> list[np.ndarray]:
+    return [np.full((size, 1, 2, 2), i, dtype=np.int64) for i in range(count)]
+
+
+async def call_all(batcher: MicroBatcher, inputs: list[np.ndarray]) -> list:
+    async def one(images):
+        with batcher.tracked():
+            await asyncio.sleep(0)
+            return await batcher(images)
+
+    return await asyncio.gather(*(one(images) for images in inputs), return_exceptions=True)
+
+
+def test_concurrent_calls_share_batches_and_each_gets_its_own_answer():
+    model = RecordingModel()
+    batcher = MicroBatcher(model, max_batch_size=8)
+    inputs = requests(20) + requests(3, size=3)
+    outputs = asyncio.run(call_all(batcher, inputs))
+    for images, output in zip(inputs, outputs):
+        assert (output == images.reshape(len(images), -1).sum(axis=1, keepdims=True) * 2).all()
+    assert sum(model.batches) == 29 and max(model.batches) <= 8 and len(model.batches) < 23
+
+
+def test_a_call_larger_than_the_batch_limit_runs_alone():
+    model = RecordingModel()
+    outputs = asyncio.run(call_all(MicroBatcher(model, max_batch_size=4), requests(2, size=10)))
+    assert model.batches == [10, 10] and [len(o) for o in outputs] == [10, 10]
+
+
+def test_a_lone_request_runs_at_once_without_the_model_thread():
+    model = RecordingModel()
+    batcher = MicroBatcher(model, max_batch_size=8)
+    outputs = asyncio.run(call_all(batcher, requests(1)))
+    assert model.batches == [1] and batcher.runner is None and outputs[0].shape == (1, 1)
+
+
+def test_every_caller_of_a_failed_batch_gets_the_error():
+    outputs = asyncio.run(call_all(MicroBatcher(RecordingModel(fail=True), max_batch_size=8), requests(5)))
+    assert all(isinstance(o, RuntimeError) and str(o) == "model failed" for o in outputs)
+
+
+def test_callers_that_went_away_are_not_computed_for():
+    model = RecordingModel()
+    batcher = MicroBatcher(model, max_batch_size=64)
+
+    async def scenario():
+        with batcher.tracked(), batcher.tracked():  # two requests in flight: the batching path
+            first = asyncio.create_task(batcher(requests(1)[0]))
+            await asyncio.sleep(0)
+            gone = [asyncio.create_task(batcher(images)) for images in requests(5, size=2)]
+            await asyncio.sleep(0)
+            for task in gone:
+                task.cancel()
+            await first
+            await asyncio.gather(*gone, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert sum(model.batches) == 1  # the five cancelled calls never reached the model
+
+
+@pytest.mark.parametrize("size", [1, 5])
+def test_the_batch_size_observer_sees_every_batch(size):
+    seen = []
+    model = RecordingModel()
+    asyncio.run(call_all(MicroBatcher(model, max_batch_size=64, on_batch=seen.append), requests(size)))
+    assert seen == model.batches
