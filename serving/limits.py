@@ -18,10 +18,11 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            size = f"{int(length):,} bytes" if length.isdigit() else "an invalid Content-Length"
+        if length is not None and not length.isdigit():
+            return await reject(send, ClientError(f"invalid Content-Length {length.decode('latin-1')!r}"))
+        if length is not None and int(length) > self.max_bytes:
             return await reject(send, ClientError(f"request body too large: the limit is {self.max_bytes:,} "
-                                                  f"bytes, got {size}", status=413))
+                                                  f"bytes, got {int(length):,} bytes", status=413))
         received = 0
 
         async def counted_receive():

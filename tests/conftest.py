@@ -53,3 +53,19 @@ def require_shared_datasets() -> Path:
 @pytest.fixture
 def shared_datasets() -> Path:
     return require_shared_datasets()
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory) -> dict:
+    """A small model trained briefly, exported and saved in a throwaway BentoML store: for serving tests."""
+    import onnxruntime as ort
+
+    from tests.serving_fixtures import small_model, store_model
+
+    folder = tmp_path_factory.mktemp("serving")
+    onnx_path, x_test, y_test = small_model(folder)
+    home = folder / "bentoml"
+    tag = store_model(onnx_path, home)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    offline = session.run(["probabilities"], {"images": x_test[:1000]})[0]  # what the model says offline
+    return {"onnx": onnx_path, "home": home, "tag": tag, "x": x_test[:1000], "y": y_test[:1000], "offline": offline}

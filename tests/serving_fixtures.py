@@ -1,6 +1,7 @@
 """A small trained model in a throwaway BentoML store, for tests of the service."""
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from tests.conftest import REPO, require_shared_datasets
 from training.data import load_idx_pair
@@ -55,3 +57,9 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
             key, value = line.rsplit(" ", 1)
             samples[key] = float(value)
     return samples
+
+
+def png(pixels: np.ndarray, mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).convert(mode).save(buffer, format="PNG")
+    return buffer.getvalue()

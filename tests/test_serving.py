@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -9,30 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 import pytest
 import requests
 from PIL import Image
 
 from serving.local_server import LocalServer
-from tests.serving_fixtures import MODEL_NAME, metric_samples, small_model, store_model
+from tests.serving_fixtures import MODEL_NAME, metric_samples, png
 
 pytestmark = pytest.mark.slow
 MAX_BODY = 4 * 1024 * 1024
 
 
-def png(pixels: np.ndarray, mode: str = "L") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).convert(mode).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serving")
-    onnx_path, x_test, y_test = small_model(folder)
-    home = folder / "bentoml"
-    tag = store_model(onnx_path, home)
-    return {"onnx": onnx_path, "home": home, "tag": tag, "x": x_test[:1000], "y": y_test[:1000]}
+def model(served_model):
+    return served_model
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +41,20 @@ def offline(model):
     """What the ONNX model says offline about the 1,000 test images."""
     session = ort.InferenceSession(str(model["onnx"]), providers=["CPUExecutionProvider"])
     return session.run(["probabilities"], {"images": model["x"]})[0]
+
+
+def test_binds_only_where_told(server):
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and
+                 c.laddr.port == server.port]
+    assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}
+
+
+def test_pickle_bodies_are_refused(server):
+    import pickle
+
+    response = requests.post(f"{server.url}/predict_batch", data=pickle.dumps({"images": [[0] * 784]}), timeout=10,
+                             headers={"content-type": "application/vnd.bentoml+pickle"})
+    assert response.status_code == 415, response.text
 
 
 def test_health_endpoints(server):
@@ -259,6 +265,11 @@ def test_bentoml_build_packages_the_model_and_the_bento_serves(model, tmp_path):
     tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     info = subprocess.run([bentoml, "get", tag, "-o", "json"], env=env, capture_output=True, text=True, check=True)
     assert model["tag"] in info.stdout
+    # the container image BentoML generates for the bento switches to an unprivileged user
+    name, version = tag.split(":")
+    dockerfile = (model["home"] / "bentos" / name / version / "env" / "docker" / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, flags=re.MULTILINE)
+    assert users and users[-1] not in ("root", "0"), dockerfile
     built = LocalServer(tag, tmp_path / "bento-serve.log", BENTOML_HOME=str(model["home"])).wait_ready()
     try:
         assert requests.get(f"{built.url}/model", timeout=10).json()["bentoml_tag"] == model["tag"]
