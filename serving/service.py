@@ -4,7 +4,7 @@ Routes: POST /predict (an image file, multipart field `image`), POST /predict_ba
 GET /model (the model card); BentoML adds /livez, /readyz, /metrics and the docs at / (/docs.json).
 They are a FastAPI app mounted in the service rather than `@bentoml.api` methods: BentoML's API request
 path costs about 0.8 ms of CPU per request before any work, as much as the model itself (README,
-"Serving performance"), while a mounted app runs in the same BentoML workers, docs, metrics, model store
+"How a request is served"), while a mounted app runs in the same BentoML workers, docs, metrics, model store
 and bento, at half that cost. Batching is `serving.batcher`, in each worker's event loop.
 
 Settings (environment variables): BENTO_MODEL_TAG (default: the tag in export/export.json),

@@ -1,6 +1,7 @@
 """A small trained model in a throwaway BentoML store, for tests of the service."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from serving.local_server import LocalServer
 from tests.conftest import REPO, require_shared_datasets
 from training.data import load_idx_pair
 from training.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, get_spec
@@ -63,3 +65,19 @@ def png(pixels: np.ndarray, mode: str = "L") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).convert(mode).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def serve(served_model: dict, log_path: Path, **env: str) -> LocalServer:
+    """`bentoml serve` of the service on the test model (not yet waited for)."""
+    return LocalServer("serving.service:Classifier", log_path, BENTOML_HOME=str(served_model["home"]),
+                       BENTO_MODEL_TAG=f"{MODEL_NAME}:latest", **env)
+
+
+@contextlib.contextmanager
+def serving(served_model: dict, log_path: Path, **env: str):
+    """The service, ready, for the duration of a `with` block."""
+    server = serve(served_model, log_path, **env).wait_ready()
+    try:
+        yield server
+    finally:
+        server.close()

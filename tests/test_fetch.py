@@ -25,23 +25,21 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if behaviour == "503":
             self.send_error(503)
         elif behaviour == "truncate":  # promise the whole file, send half, hang up
-            data = Path(self.translate_path(self.path)).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
+            self._send_half()
             self.close_connection = True
         elif behaviour == "stall":  # send half the file, then keep the connection open
-            data = Path(self.translate_path(self.path)).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
+            self._send_half()
             time.sleep(30)
         else:
             super().do_GET()
+
+    def _send_half(self):
+        data = Path(self.translate_path(self.path)).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import requests
 from PIL import Image
 
 from serving.local_server import LocalServer
-from tests.serving_fixtures import MODEL_NAME, metric_samples, png
+from tests.serving_fixtures import MODEL_NAME, metric_samples, png, serving
 
 pytestmark = pytest.mark.slow
 MAX_BODY = 4 * 1024 * 1024
@@ -29,11 +29,8 @@ def model(served_model):
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "bentoml-serve.log"
-    srv = LocalServer("serving.service:Classifier", log, BENTOML_HOME=str(model["home"]),
-                      BENTO_MODEL_TAG=f"{MODEL_NAME}:latest", SERVING_MAX_BODY_BYTES=str(MAX_BODY)).wait_ready()
-    yield srv
-    srv.close()
+    with serving(model, tmp_path_factory.mktemp("logs") / "serve.log", SERVING_MAX_BODY_BYTES=str(MAX_BODY)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -15,15 +14,10 @@ import requests
 from PIL import Image
 
 from serving.local_server import REPO, LocalServer
-from tests.serving_fixtures import MODEL_NAME, png, store_model
+from tests.serving_fixtures import png, serve, store_model
 
 pytestmark = pytest.mark.slow
 RECOVERY_BOUND_S = 30  # a killed worker is replaced and the service ready again within this
-
-
-def start(served_model, log: Path, **env) -> LocalServer:
-    return LocalServer("serving.service:Classifier", log, BENTOML_HOME=str(served_model["home"]),
-                       BENTO_MODEL_TAG=f"{MODEL_NAME}:latest", **env)
 
 
 def workers(server: LocalServer) -> list[psutil.Process]:
@@ -39,7 +33,7 @@ def workers(server: LocalServer) -> list[psutil.Process]:
 
 
 def test_a_killed_worker_is_replaced_and_the_service_recovers_by_itself(served_model, tmp_path):
-    server = start(served_model, tmp_path / "serve.log", SERVING_WORKERS="2").wait_ready()
+    server = serve(served_model, tmp_path / "serve.log", SERVING_WORKERS="2").wait_ready()
     outcomes, stop = [], threading.Event()
     image = png(served_model["x"][0, 0])
     expected = int(served_model["offline"][0].argmax())
@@ -89,7 +83,7 @@ def test_a_killed_worker_is_replaced_and_the_service_recovers_by_itself(served_m
 
 def test_sigterm_drains_requests_in_flight_before_exit(served_model, tmp_path):
     """Slow uploads (large images to decode) are in flight when SIGTERM arrives: every one is answered."""
-    server = start(served_model, tmp_path / "serve.log", SERVING_WORKERS="1").wait_ready()
+    server = serve(served_model, tmp_path / "serve.log", SERVING_WORKERS="1").wait_ready()
     requests_in_flight = 12
     gradient = np.tile(np.linspace(0, 255, 6000, dtype=np.uint8), (6000, 1))  # 36 Mpixel: slow to decode
     buffer = io.BytesIO()

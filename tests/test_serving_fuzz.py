@@ -9,8 +9,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.local_server import LocalServer
-from tests.serving_fixtures import MODEL_NAME, png
+from tests.serving_fixtures import png, serving
 
 pytestmark = pytest.mark.slow
 EXAMPLES = 600
@@ -66,11 +65,9 @@ other_requests = st.tuples(st.sampled_from(["/predict/", "/predict_batch?images=
 
 @pytest.fixture(scope="module")
 def server(served_model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("fuzz-logs") / "bentoml-serve.log"
-    srv = LocalServer("serving.service:Classifier", log, BENTOML_HOME=str(served_model["home"]),
-                      BENTO_MODEL_TAG=f"{MODEL_NAME}:latest", SERVING_MAX_BODY_BYTES=str(MAX_BODY)).wait_ready()
-    yield srv
-    srv.close()
+    with serving(served_model, tmp_path_factory.mktemp("logs") / "serve.log",
+                 SERVING_MAX_BODY_BYTES=str(MAX_BODY)) as srv:
+        yield srv
 
 
 def test_malformed_requests_never_get_a_5xx(server, served_model):
