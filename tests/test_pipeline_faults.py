@@ -36,7 +36,10 @@ def interrupted_repro(repo: Path, env: dict) -> str:
     log = repo.parent / "interrupted-repro.log"
     with open(log, "w") as out:
         process = subprocess.Popen([str(VENV_BIN / "dvc"), "repro"], cwd=repo, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   # a terminal's Ctrl-C, even where the runner started us with SIGINT ignored
+                                   # (as shells do for background jobs)
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 600
         while logged_epochs(repo / "mlflow.db") < 1:
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
