@@ -84,6 +84,3 @@ class MicroBatcher:
                 if not future.done():
                     future.set_result(outputs[start: start + len(part)])
                 start += len(part)
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
