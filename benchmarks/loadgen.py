@@ -23,11 +23,15 @@ from PIL import Image
 BOUNDARY = "loadgen-boundary-7d3f"
 
 
-def png_upload(pixels: np.ndarray) -> bytes:
+def png_file(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_upload(pixels: np.ndarray) -> bytes:
     return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"image.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + buffer.getvalue() + f"\r\n--{BOUNDARY}--\r\n".encode()
+            f"Content-Type: image/png\r\n\r\n").encode() + png_file(pixels) + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
 def requests_for(kind: str, images: np.ndarray, batch: int) -> tuple[str, dict, list[bytes]]:

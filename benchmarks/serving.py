@@ -13,7 +13,6 @@ median of several runs. Prints tables and writes JSON (benchmarks/results/servin
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -27,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import psutil
-from PIL import Image
 from tqdm import tqdm
 
+from benchmarks.loadgen import png_file
 from serving.inputs import parse_batch
 from serving.local_server import REPO, ChildServer, LocalServer
 from serving.preprocess import image_to_input
@@ -76,11 +75,7 @@ def raw_onnxruntime(images: np.ndarray, repeats: int) -> dict:
     """The limit: the model in-process with the service's session options, decoding included: a PNG per
     image at batch 1, a JSON body at batch 256, both through the service's own decoding code."""
     model = OnnxClassifier(str(EXPORT), device="cpu", threads=os.cpu_count())
-    pngs = []
-    for image in images[:200]:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        pngs.append(buffer.getvalue())
+    pngs = [png_file(image) for image in images[:200]]
     body = json.dumps({"images": images[:256].tolist()}).encode()
     shape = (1, *images.shape[1:])
     model.warm_up(4)

@@ -17,7 +17,6 @@ Host and port: `bentoml serve --host --port` (`make serve HOST=... PORT=...`).
 from __future__ import annotations
 
 import gc
-import logging
 import os
 from typing import Any
 
@@ -35,8 +34,6 @@ from serving.limits import BodyLimit
 from serving.model_store import default_model_tag
 from serving.preprocess import ImageError, open_image, to_model_input
 from serving.runtime import OnnxClassifier
-
-log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
 MODEL_TAG = os.environ.get("BENTO_MODEL_TAG") or default_model_tag()
 DEVICE = os.environ.get("SERVING_DEVICE", "auto")
