@@ -17,7 +17,7 @@ MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: setup run test ui serve bench clean
+.PHONY: setup run run-full test ui serve bench bench-train clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ $(VENV)/.installed: $(UV) uv.lock pyproject.toml
 run: setup
 	$(BIN)/dvc repro
 
+# The `full` preset (pipelines/presets/full.yaml) as a DVC experiment: the configuration for a GPU.
+run-full: setup
+	$(BIN)/dvc exp run $$($(BIN)/python -m pipelines.preset full)
+
 test: setup
 	$(BIN)/pytest
 
@@ -43,6 +47,10 @@ serve: setup
 
 bench: setup
 	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.serving
+
+# Our trainer against a tutorial-style DataLoader loop; needs the prepared data (`make run`).
+bench-train: setup
+	$(BIN)/python -m benchmarks.training
 
 clean:
 	rm -rf $(VENV) $(TOOLS)

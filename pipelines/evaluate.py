@@ -10,7 +10,7 @@ from pipelines._stage import run
 from training import tracking
 from training.checkpoint import load_trained, read_json, summary_path, write_json
 from training.config import (CARD_FILE, DATASET_FILE, METRICS_DIR, PREDICTIONS_DIR, REPORTS_DIR,
-                             experiment_name, load_params)
+                             experiment_name, flip_tta, load_params)
 from training.data import Prepared
 from training.evaluation import classification_report, confusion_matrix, loss_and_accuracy, predict_logits
 from training.plots import confusion_figure, misclassified_grid
@@ -25,7 +25,8 @@ def main() -> None:
     class_names = card["class_names"]
     data = Prepared.load(DATASET_FILE)
     summary = read_json(summary_path(name))
-    model = load_trained(name, params, card)
+    tta = flip_tta(params, "evaluate")
+    model = load_trained(name, params, card, flip_tta=tta)
     batch = params["evaluate"]["batch_size"]
 
     scores = {}
@@ -33,6 +34,10 @@ def main() -> None:
         logits = predict_logits(model, torch.from_numpy(data.images(split)), batch)
         labels = torch.from_numpy(data.labels(split)).long()
         scores[f"{split}_loss"], scores[f"{split}_accuracy"] = loss_and_accuracy(logits, labels)
+    # what test-time augmentation buys: the same test set seen once, unflipped
+    scores["test_accuracy_single_view"] = (
+        loss_and_accuracy(predict_logits(model.net, torch.from_numpy(data.images("test")), batch), labels)[1]
+        if tta else scores["test_accuracy"])
     probabilities = logits.softmax(1)
     confidence, predicted = probabilities.max(1)
     actual, predicted, confidence = labels.numpy(), predicted.numpy(), confidence.numpy()
@@ -59,7 +64,8 @@ def main() -> None:
         mlflow.log_metrics({k: v for k, v in scores.items() if k.startswith("test_")})  # val: per epoch, by train
         mlflow.log_metrics({f"test_f1.{cls}": report[cls]["f1"] for cls in class_names})
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
-    log.info("%s: val_acc %.4f, test_acc %.4f", name, scores["val_accuracy"], scores["test_accuracy"])
+    log.info("%s: val_acc %.4f, test_acc %.4f%s", name, scores["val_accuracy"], scores["test_accuracy"],
+             f" with flip TTA ({scores['test_accuracy_single_view']:.4f} without)" if tta else "")
 
 
 if __name__ == "__main__":

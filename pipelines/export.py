@@ -8,7 +8,7 @@ from pipelines._stage import run
 from training import tracking
 from training.checkpoint import load_trained, read_json, write_json
 from training.config import (CARD_FILE, CHAMPION_FILE, DATASET_FILE, EXPORT_DIR, dataset_spec, experiment_name,
-                             load_params)
+                             flip_tta, load_params)
 from training.data import Prepared
 from training.export import check_parity, export_onnx
 
@@ -19,7 +19,8 @@ def main() -> None:
     params = load_params()
     card = read_json(CARD_FILE)
     champion = read_json(CHAMPION_FILE)
-    net = load_trained(champion["model"], params, card)
+    tta = flip_tta(params, "export")
+    net = load_trained(champion["model"], params, card, flip_tta=tta)
     metadata = {
         "model_name": champion["model"],
         "dataset": card["dataset"],
@@ -32,6 +33,7 @@ def main() -> None:
         "val_accuracy": champion["val_accuracy"],
         "test_accuracy": champion["test_accuracy"],
         "parameters": champion["parameters"],
+        "test_time_augmentation": "flip" if tta else "none",
     }
     path = export_onnx(net, EXPORT_DIR / "model.onnx", metadata)
     parity = check_parity(net, path, Prepared.load(DATASET_FILE).images("test"),

@@ -153,7 +153,7 @@ class Classifier:
 
     def card(self) -> dict[str, Any]:
         keys = ("model_name", "dataset", "class_names", "val_accuracy", "test_accuracy", "mlflow_run_id",
-                "git_commit", "parameters", "input_spec")
+                "git_commit", "parameters", "test_time_augmentation", "input_spec")
         return {"bentoml_tag": str(self.bento_model.tag), "execution_provider": self.model.provider,
                 **{k: self.metadata.get(k) for k in keys}}
 

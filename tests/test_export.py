@@ -7,7 +7,7 @@ import torch
 
 from serving.model_store import read_metadata
 from training.export import ParityError, check_parity, export_onnx
-from training.models import build_model
+from training.models import FlipAveraged, build_model
 
 METADATA = {"model_name": "cnn_basic", "dataset": "fashion-mnist", "class_names": [f"c{i}" for i in range(10)],
             "mlflow_run_id": "abc123", "git_commit": "deadbeef", "val_accuracy": 0.9, "test_accuracy": 0.89,
@@ -65,3 +65,18 @@ def test_parity_check_fails_when_the_graph_differs(exported):
     images = np.random.default_rng(0).integers(0, 256, (200, 1, 28, 28), dtype=np.uint8)
     with pytest.raises(ParityError, match="ONNX and PyTorch disagree"):
         check_parity(other, path, images)
+
+
+def test_flip_tta_travels_inside_the_exported_graph(tmp_path):
+    """A residual net exported with test-time augmentation: the graph itself averages image and mirror."""
+    torch.manual_seed(0)
+    net = FlipAveraged(build_model("resnet", {"stem": 8, "widths": [8, 16, 16]}, mean=0.3, std=0.35)).eval()
+    path = export_onnx(net, tmp_path / "model.onnx", METADATA)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)
+    logits, _ = session.run(None, {"images": images})
+    mirrored, _ = session.run(None, {"images": np.ascontiguousarray(images[..., ::-1])})
+    with torch.no_grad():
+        expected = net(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    np.testing.assert_allclose(logits, mirrored, atol=1e-4)

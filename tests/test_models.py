@@ -2,9 +2,18 @@
 import pytest
 import torch
 
-from training.models import ACTIVATIONS, ZOO, build_model, count_parameters
+from tests.conftest import REPO
+from training.config import PRESETS_DIR, apply_overrides, architecture_options, load_params, preset_overrides
+from training.models import ACTIVATIONS, ZOO, FlipAveraged, ResidualBlock, build_model, count_parameters
 
 # weights + biases, layer by layer (BN: 2 per channel; convs/dense before BN have no bias)
+
+
+def residual_block(c_in: int, c_out: int) -> int:
+    """Two 3x3 convs + BNs, and a 1x1 conv + BN shortcut where the width changes."""
+    return 9 * c_in * c_out + 9 * c_out * c_out + 4 * c_out + (c_in * c_out + 2 * c_out if c_in != c_out else 0)
+
+
 EXPECTED_PARAMETERS = {
     "mlp_linear_1": (784 * 1 + 1) + (1 * 10 + 10),
     "mlp_linear_10": (784 * 10 + 10) + (10 * 10 + 10),
@@ -15,6 +24,9 @@ EXPECTED_PARAMETERS = {
     + (64 * 7 * 7 * 512 + 1024) + (512 * 10 + 10),
     "cnn_deep_b": (9 * 32 + 64) + (9 * 32 * 32 + 64) + (9 * 32 * 64 + 128) + (9 * 64 * 64 + 128)
     + (9 * 64 * 128 + 256) + (9 * 128 * 128 + 256) + (128 * 3 * 3 * 256 + 512) + (256 * 10 + 10),
+    # stem 32, one block per stage at 64, 128, 256 channels
+    "resnet": (9 * 32 + 64) + residual_block(32, 64) + residual_block(64, 128) + residual_block(128, 256)
+    + (256 * 10 + 10),
 }
 
 
@@ -57,9 +69,42 @@ def test_zero_init_zeroes_every_weight():
 
 
 def test_bad_options_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown model 'resnet'"):
-        build_model("resnet")
+    with pytest.raises(ValueError, match="unknown model 'resnet50'"):
+        build_model("resnet50")
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         build_model("mlp_512", {"activation": "swish"})
     with pytest.raises(ValueError, match="unknown init 'orthogonal'"):
         build_model("mlp_512", {"init": "orthogonal"})
+
+
+@pytest.mark.parametrize("preset", [None, "full"])
+def test_residual_network_stays_within_its_parameter_budget(preset):
+    """The issue's budget: at most 3M parameters, with the committed and with the `full` settings."""
+    params = load_params(REPO / "params.yaml")
+    if preset:
+        params = apply_overrides(params, preset_overrides(preset, REPO / PRESETS_DIR))
+    model = build_model("resnet", architecture_options(params, "resnet"))
+    assert count_parameters(model) <= 3_000_000
+    assert any(isinstance(m, ResidualBlock) for m in model.modules())
+
+
+def test_residual_network_resolution_and_identity_start():
+    """The stem halves 28x28 to 14x14, each later stage halves again; every block starts as the identity."""
+    model = build_model("resnet", {"widths": [16, 32, 64], "blocks": [2, 1, 1], "stem": 8}).eval()
+    sizes = []
+    model.apply(lambda m: isinstance(m, ResidualBlock) and m.register_forward_hook(
+        lambda _m, _i, out: sizes.append(tuple(out.shape[1:]))))
+    assert model(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).shape == (2, 10)
+    assert sizes == [(16, 14, 14), (16, 14, 14), (32, 7, 7), (64, 4, 4)]
+    block = ResidualBlock(8, 8).eval()
+    x = torch.rand(1, 8, 5, 5)
+    assert torch.equal(block(x), torch.relu(x))  # the zero-initialised last BN silences the branch
+
+
+def test_flip_averaging_sees_an_image_and_its_mirror_alike():
+    net = build_model("cnn_basic").eval()
+    tta = FlipAveraged(net)
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(tta(images), tta(images.flip(-1)), atol=1e-5)
+        assert torch.allclose(tta(images), (net(images) + net(images.flip(-1))) / 2)

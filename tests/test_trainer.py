@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-from training.augment import augment_batch, random_hflip, random_translate
+from training.augment import augment_batch, random_erase, random_hflip, random_translate
+from training.config import flip_tta, load_params, train_config
 from training.models import build_model
 from training.trainer import OPTIMIZERS, SCHEDULES, TrainConfig, seed_everything, train
 
@@ -112,3 +113,43 @@ def test_hflip_mirrors_some_images_exactly():
 def test_augmentation_off_is_the_identity():
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     assert torch.equal(augment_batch(images, torch.Generator(), translate=0, hflip=False), images)
+
+
+def test_random_erasing_blacks_out_one_rectangle_in_a_fraction_of_the_images():
+    images = torch.full((400, 1, 28, 28), 100, dtype=torch.uint8)
+    out = random_erase(images, 0.5, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    erased = out == 0
+    touched = erased.any(dim=(1, 2, 3))
+    assert 160 < touched.sum() < 240
+    assert torch.equal(out[~erased], images[~erased])  # nothing but the rectangle changes
+    for mask in erased[touched, 0]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        height, width = len(rows), len(cols)
+        assert rows[-1] - rows[0] + 1 == height and cols[-1] - cols[0] + 1 == width  # one block
+        assert mask.sum() == height * width  # a full rectangle
+        assert height * width <= 0.3 * 28 * 28
+
+
+def test_augmentation_keeps_every_image_in_its_place_in_the_batch():
+    """Labels are indexed with the batch's order, so image i must still be image i (and in the frame)."""
+    values = torch.arange(1, 65, dtype=torch.uint8)
+    images = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 6:22, 8:20] = values[:, None, None]  # image i is a block of value i
+    moved = augment_batch(images, torch.Generator().manual_seed(1), translate=2, hflip=True)
+    assert torch.equal(moved.flatten(1).sum(1), images.flatten(1).sum(1))  # every block stays in the frame
+    erased = augment_batch(images, torch.Generator().manual_seed(1), translate=2, hflip=True, erase=0.5)
+    assert erased.shape == images.shape
+    for i, image in enumerate(erased):
+        assert torch.all(image[image > 0] == values[i])
+
+
+def test_mnist_never_flips():
+    params = load_params()
+    params["data"]["dataset"] = "mnist"
+    params["train"]["hflip"] = True
+    params["evaluate"]["tta"] = params["export"]["tta"] = True
+    assert not train_config(params, "resnet").hflip
+    assert not flip_tta(params, "evaluate") and not flip_tta(params, "export")
+    params["data"]["dataset"] = "fashion-mnist"
+    assert train_config(params, "resnet").hflip and flip_tta(params, "evaluate")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from training.config import MODELS_DIR, architecture_options
-from training.models import build_model
+from training.models import FlipAveraged, build_model
 
 
 def weights_path(name: str) -> Path:
@@ -26,11 +26,12 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_trained(name: str, params: dict, card: dict) -> torch.nn.Module:
-    """The zoo model `name` with its trained weights, in eval mode, on the CPU."""
+def load_trained(name: str, params: dict, card: dict, flip_tta: bool = False) -> torch.nn.Module:
+    """The zoo model `name` with its trained weights, in eval mode, on the CPU; with `flip_tta` it
+    averages its logits over each image and its mirror image."""
     model = build_model(name, architecture_options(params, name), card["pixel_mean"], card["pixel_std"])
     model.load_state_dict(torch.load(weights_path(name), map_location="cpu", weights_only=True))
-    return model.eval()
+    return (FlipAveraged(model) if flip_tta else model).eval()
 
 
 def read_json(path: Path) -> dict:

@@ -10,6 +10,7 @@ from training.datasets import DatasetSpec, get_spec
 from training.trainer import TrainConfig
 
 PARAMS_FILE = Path("params.yaml")
+PRESETS_DIR = Path("pipelines/presets")
 
 # Where each stage writes (relative to the repo root, where DVC runs the stages).
 RAW_DIR = Path("data/raw")
@@ -56,9 +57,38 @@ def architecture_options(params: dict, name: str) -> dict:
     return options
 
 
+def flip_tta(params: dict, group: str) -> bool:
+    """Whether `group` (evaluate or export) averages over flipped images: asked for and the dataset allows it."""
+    return bool(params[group].get("tta", False)) and dataset_spec(params).hflip_ok
+
+
 def experiment_name(params: dict) -> str:
     return params["mlflow"]["experiment"].format(dataset=params["data"]["dataset"])
 
 
 def registered_model_name(params: dict) -> str:
     return params["mlflow"]["registered_model"].format(dataset=params["data"]["dataset"])
+
+
+def preset_overrides(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, object]:
+    """A preset: dotted params.yaml keys and their values, as `dvc exp run -S key=value` takes them."""
+    path = presets_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in presets_dir.glob("*.yaml"))
+        raise ValueError(f"no preset {name!r} ({path}); presets: {known}")
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def apply_overrides(params: dict, overrides: dict[str, object]) -> dict:
+    """params.yaml as it is with `overrides` set; every key must already exist (a typo is an error)."""
+    params = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise ValueError(f"preset key {dotted!r} is not in params.yaml")
+        node[leaf] = value
+    return params

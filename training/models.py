@@ -105,6 +105,45 @@ def cnn_deep(
     return nn.Sequential(*layers)
 
 
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv + batch-norm layers added to a shortcut (a strided 1x1 conv where the shape changes).
+
+    The second batch norm starts at zero, so each block starts as the identity: that is what lets a
+    short one-cycle schedule train the whole stack from the first steps.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        nn.init.zeros_(self.bn2.weight)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet(stem: int = 32, widths: list[int] = (64, 128, 256), blocks: list[int] = (1, 1, 1),
+           stem_stride: int = 2, dropout: float = 0.0, **_):
+    """A small ResNet: a 3x3 stem, then stages of residual blocks, each stage after the first halving the
+    resolution, global average pooling and one linear layer. With `stem_stride` 1 the first stage works
+    on the full 28x28 (what buys accuracy on small images), with 2 on 14x14 (a third cheaper)."""
+    layers: list[nn.Module] = [nn.Conv2d(IMAGE_SHAPE[0], stem, 3, stride=stem_stride, padding=1, bias=False),
+                               nn.BatchNorm2d(stem), nn.ReLU()]
+    c_in = stem
+    for stage, (width, count) in enumerate(zip(widths, blocks)):
+        for index in range(count):
+            layers.append(ResidualBlock(c_in, width, stride=2 if stage and not index else 1))
+            c_in = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, NUM_CLASSES)]
+    return nn.Sequential(*layers)
+
+
 # name -> (builder, the architecture's fixed shape); params.yaml adds the tunable options
 ZOO: dict[str, tuple[Callable[..., nn.Module], dict]] = {
     "mlp_linear_1": (mlp_linear, {"hidden": 1}),
@@ -114,7 +153,19 @@ ZOO: dict[str, tuple[Callable[..., nn.Module], dict]] = {
     "cnn_basic": (cnn_basic, {}),
     "cnn_deep_a": (cnn_deep, {"widths": [32, 64], "dense": 512}),
     "cnn_deep_b": (cnn_deep, {"widths": [32, 64, 128], "dense": 256, "global_pool": False}),
+    "resnet": (resnet, {}),
 }
+
+
+class FlipAveraged(nn.Module):
+    """Test-time augmentation: the mean of the logits for an image and for its mirror image."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.net(x) + self.net(x.flip(-1))) / 2
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:

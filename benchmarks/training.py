@@ -1,0 +1,178 @@
+"""Training benchmark (`make bench-train`): our trainer against a tutorial-style loop, side by side.
+
+Both train the same zoo model (the committed params: architecture, batch size, optimizer, schedule,
+augmentations) on the prepared training set on the same device. The tutorial-style loop is the code
+most course notebooks write: a per-sample `Dataset` that converts and augments one image at a time,
+a shuffling `DataLoader`, float32, the default memory format. Ours is training/trainer.py: the dataset
+resident on the device as uint8, batched augmentation there, channels_last, bf16 autocast where the
+device has it natively. Each repeat times one pass over the same number of images with both, alternating;
+the table gives the medians and the ratio. Then our trainer runs the committed schedule in full,
+checking test accuracy after each epoch, for the time to reach the target accuracy (93%).
+Prints tables and writes JSON (benchmarks/results/training.json).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from training.checkpoint import read_json
+from training.config import CARD_FILE, DATASET_FILE, architecture_options, load_params, train_config
+from training.data import Prepared
+from training.evaluation import predict_logits
+from training.models import build_model
+from training.trainer import TrainConfig, make_optimizer, make_scheduler, resolve_device, seed_everything, train
+
+RESULTS = Path("benchmarks/results/training.json")
+
+
+class TutorialDataset(Dataset):
+    """One image at a time, as float32 pixels, with the same augmentations drawn per sample."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, config: TrainConfig):
+        self.images, self.labels, self.config = images, labels, config
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = torch.from_numpy(self.images[index]).float()
+        pad = self.config.translate
+        if pad:
+            dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+            image = F.pad(image, (pad,) * 4)[:, dy: dy + 28, dx: dx + 28]
+        if self.config.hflip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        if torch.rand(()) < self.config.erase:
+            area = float(torch.empty(()).uniform_(0.02, 0.25)) * 28 * 28
+            ratio = float(torch.empty(()).uniform_(np.log(0.3), np.log(3.3)).exp())
+            h = int(min(28, max(1, round((area * ratio) ** 0.5))))
+            w = int(min(28, max(1, round((area / ratio) ** 0.5))))
+            top, left = int(torch.randint(0, 29 - h, ())), int(torch.randint(0, 29 - w, ()))
+            image = image.clone()
+            image[:, top: top + h, left: left + w] = 0
+        return image, int(self.labels[index])
+
+
+def tutorial_epoch(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device,
+                   workers: int) -> float:
+    """One epoch the tutorial way; returns images per second."""
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    optimizer = make_optimizer(config, model.parameters())
+    scheduler = make_scheduler(config, optimizer, len(loader))
+    model.train()
+    started = time.perf_counter()
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(dataset) / (time.perf_counter() - started)
+
+
+def our_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> float:
+    one_epoch = dataclasses.replace(config, epochs=1, patience=0, verbose=0)
+    result = train(model, x, y, x[:256], y[:256], one_epoch)
+    return len(x) / result.history[0]["seconds"]
+
+
+def time_to_accuracy(model, data: Prepared, config: TrainConfig, target: float) -> dict:
+    """Our trainer on the committed schedule, with test accuracy after every epoch."""
+    x_test, y_test = torch.from_numpy(data.images("test")), torch.from_numpy(data.labels("test")).long()
+    curve, elapsed = [], 0.0
+
+    def check(record: dict) -> None:
+        nonlocal elapsed
+        elapsed += record["seconds"]
+        accuracy = (predict_logits(model, x_test).argmax(1) == y_test).float().mean().item()
+        curve.append({"epoch": record["epoch"], "seconds": round(elapsed, 1), "test_accuracy": accuracy})
+        print(f"  epoch {record['epoch']}: {elapsed:7.1f} s, test accuracy {accuracy:.4f}", file=sys.stderr)
+
+    train(model, torch.from_numpy(data.images("train")), torch.from_numpy(data.labels("train")),
+          torch.from_numpy(data.images("val")), torch.from_numpy(data.labels("val")),
+          dataclasses.replace(config, patience=0, verbose=0), on_epoch_end=check)
+    reached = next((point for point in curve if point["test_accuracy"] >= target), None)
+    return {"target": target, "reached": reached, "curve": curve}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet")
+    parser.add_argument("--images", type=int, default=12800, help="images per timed pass (0: all)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the tutorial loop")
+    parser.add_argument("--target", type=float, default=0.93, help="test accuracy for time-to-accuracy")
+    parser.add_argument("--skip-accuracy", action="store_true", help="only the images/s comparison")
+    args = parser.parse_args()
+
+    params, card = load_params(), read_json(CARD_FILE)
+    data = Prepared.load(DATASET_FILE)
+    config = train_config(params, args.model)
+    device = resolve_device(config.device)
+
+    def fresh_model() -> torch.nn.Module:
+        seed_everything(config.seed)
+        return build_model(args.model, architecture_options(params, args.model), card["pixel_mean"],
+                           card["pixel_std"])
+
+    count = args.images or len(data.images("train"))
+    x, y = data.images("train")[:count], data.labels("train")[:count]
+    dataset = TutorialDataset(x, y, config)
+    x_ours, y_ours = torch.from_numpy(x), torch.from_numpy(y)
+    rows = []
+    for repeat in tqdm(range(args.repeats), desc="throughput repeats", file=sys.stderr):
+        ours = our_epoch(fresh_model(), x_ours, y_ours, config)
+        tutorial = tutorial_epoch(fresh_model().to(device), dataset, config, device, args.workers)
+        rows.append({"repeat": repeat + 1, "ours": ours, "tutorial": tutorial, "ratio": ours / tutorial})
+    median = {k: statistics.median(r[k] for r in rows) for k in ("ours", "tutorial", "ratio")}
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"\n{args.model}, batch {config.batch_size}, {count} images per pass, {device.type} ({device_name}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| repeat | ours (images/s) | tutorial loop (images/s) | ratio |\n|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['repeat']} | {r['ours']:.0f} | {r['tutorial']:.0f} | {r['ratio']:.2f}x |")
+    print(f"| median | {median['ours']:.0f} | {median['tutorial']:.0f} | {median['ratio']:.2f}x |")
+
+    accuracy = None
+    if not args.skip_accuracy:
+        print(f"\ntime to {args.target:.0%} test accuracy, our trainer, {config.epochs} epochs:", file=sys.stderr)
+        accuracy = time_to_accuracy(fresh_model(), data, config, args.target)
+        reached = accuracy["reached"]
+        if reached:
+            projected = reached["epoch"] * len(data.images("train")) / median["tutorial"]
+            accuracy["tutorial_projected_seconds"] = projected
+            print(f"\n{args.target:.0%} test accuracy after epoch {reached['epoch']}: {reached['seconds']:.0f} s "
+                  f"(the tutorial loop at its measured speed: {projected:.0f} s, projected)")
+        else:
+            best = max(p["test_accuracy"] for p in accuracy["curve"])
+            print(f"\n{args.target:.0%} not reached in {config.epochs} epochs (best {best:.4f})")
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "model": args.model, "device": device.type, "device_name": device_name, "batch_size": config.batch_size,
+        "images_per_pass": count, "dataloader_workers": args.workers, "threads": torch.get_num_threads(),
+        "train_config": dataclasses.asdict(config), "throughput": rows, "median": median,
+        "time_to_accuracy": accuracy,
+    }, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
