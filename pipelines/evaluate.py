@@ -13,6 +13,7 @@ from training.config import (CARD_FILE, DATASET_FILE, METRICS_DIR, PREDICTIONS_D
                              experiment_name, flip_tta, load_params)
 from training.data import Prepared
 from training.evaluation import classification_report, confusion_matrix, loss_and_accuracy, predict_logits
+from training.models import FlipAveraged
 from training.plots import confusion_figure, misclassified_grid
 
 log = logging.getLogger("evaluate")
@@ -25,19 +26,19 @@ def main() -> None:
     class_names = card["class_names"]
     data = Prepared.load(DATASET_FILE)
     summary = read_json(summary_path(name))
-    tta = flip_tta(params, "evaluate")
-    model = load_trained(name, params, card, flip_tta=tta)
+    tta = flip_tta(params, "evaluate", name)
+    net = load_trained(name, params, card)
     batch = params["evaluate"]["batch_size"]
 
     scores = {}
     for split in ("val", "test"):
-        logits = predict_logits(model, torch.from_numpy(data.images(split)), batch)
+        images = torch.from_numpy(data.images(split))
+        single_view = logits = predict_logits(net, images, batch)
+        if tta:  # what the exported FlipAveraged graph computes, from the same two passes
+            logits = FlipAveraged.combine(single_view, predict_logits(net, images.flip(-1), batch))
         labels = torch.from_numpy(data.labels(split)).long()
         scores[f"{split}_loss"], scores[f"{split}_accuracy"] = loss_and_accuracy(logits, labels)
-    # what test-time augmentation buys: the same test set seen once, unflipped
-    scores["test_accuracy_single_view"] = (
-        loss_and_accuracy(predict_logits(model.net, torch.from_numpy(data.images("test")), batch), labels)[1]
-        if tta else scores["test_accuracy"])
+    scores["test_accuracy_single_view"] = loss_and_accuracy(single_view, labels)[1]  # what TTA buys
     probabilities = logits.softmax(1)
     confidence, predicted = probabilities.max(1)
     actual, predicted, confidence = labels.numpy(), predicted.numpy(), confidence.numpy()

@@ -19,7 +19,7 @@ def main() -> None:
     params = load_params()
     card = read_json(CARD_FILE)
     champion = read_json(CHAMPION_FILE)
-    tta = flip_tta(params, "export")
+    tta = flip_tta(params, "export", champion["model"])
     net = load_trained(champion["model"], params, card, flip_tta=tta)
     metadata = {
         "model_name": champion["model"],

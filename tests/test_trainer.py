@@ -150,6 +150,8 @@ def test_mnist_never_flips():
     params["train"]["hflip"] = True
     params["evaluate"]["tta"] = params["export"]["tta"] = True
     assert not train_config(params, "resnet").hflip
-    assert not flip_tta(params, "evaluate") and not flip_tta(params, "export")
+    assert not flip_tta(params, "evaluate", "resnet") and not flip_tta(params, "export", "resnet")
     params["data"]["dataset"] = "fashion-mnist"
-    assert train_config(params, "resnet").hflip and flip_tta(params, "evaluate")
+    assert train_config(params, "resnet").hflip and flip_tta(params, "evaluate", "resnet")
+    params["train"]["hflip"] = False  # a model that never saw a mirror image is not averaged over one
+    assert not flip_tta(params, "evaluate", "cnn_basic") and flip_tta(params, "export", "resnet")

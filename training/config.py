@@ -57,9 +57,10 @@ def architecture_options(params: dict, name: str) -> dict:
     return options
 
 
-def flip_tta(params: dict, group: str) -> bool:
-    """Whether `group` (evaluate or export) averages over flipped images: asked for and the dataset allows it."""
-    return bool(params[group].get("tta", False)) and dataset_spec(params).hflip_ok
+def flip_tta(params: dict, group: str, name: str) -> bool:
+    """Whether `group` (evaluate or export) averages model `name` over each image and its mirror image:
+    asked for, and the model learned from mirrored images (hflip, which the dataset must allow)."""
+    return bool(params[group].get("tta", False)) and train_config(params, name).hflip
 
 
 def experiment_name(params: dict) -> str:

@@ -165,7 +165,11 @@ class FlipAveraged(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.net(x) + self.net(x.flip(-1))) / 2
+        return self.combine(self.net(x), self.net(x.flip(-1)))
+
+    @staticmethod
+    def combine(logits: torch.Tensor, mirrored_logits: torch.Tensor) -> torch.Tensor:
+        return (logits + mirrored_logits) / 2
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:
