@@ -3,11 +3,10 @@ import json
 import sys
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import copy_repo, require_shared_datasets
-from tests.test_pipeline import VENV_BIN, run, stage_env
+from tests.test_pipeline import VENV_BIN, edit_params, run, stage_env
 
 pytestmark = pytest.mark.slow
 MODEL = "resnet"
@@ -19,13 +18,13 @@ TOLERANCE = 0.02
 def test_torchrun_two_processes_match_one(tmp_path):
     shared_datasets = require_shared_datasets()
     repo = copy_repo(tmp_path / "repo")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["subset"] = {"train": 4000, "test": 200}
-    params["zoo"] = [MODEL]
-    params["models"][MODEL].update(stem=8, widths=[16, 32, 64])
-    params["models"][MODEL]["train"].update(epochs=4, batch_size=64, lr=0.1, verbose=2)
-    params["distributed"]["launcher"] = "torchrun --standalone --nproc_per_node=2"
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def small_resnet_under_torchrun(params: dict) -> None:
+        params["models"][MODEL].update(stem=8, widths=[16, 32, 64])
+        params["models"][MODEL]["train"].update(epochs=4, batch_size=64, lr=0.1, verbose=2)
+        params["distributed"]["launcher"] = "torchrun --standalone --nproc_per_node=2"
+
+    edit_params(repo, {"train": 4000, "test": 200}, [MODEL], small_resnet_under_torchrun)
     env = stage_env(shared_datasets, tmp_path / "bentoml")
 
     log = run([str(VENV_BIN / "dvc"), "repro", f"train@{MODEL}"], repo, env)

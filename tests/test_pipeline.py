@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,18 @@ VENV_BIN = Path(sys.executable).parent
 ZOO = ["mlp_relu_10", "cnn_basic"]
 
 
+def edit_params(repo: Path, subset: dict, zoo: list[str], edit: Callable[[dict], None]) -> None:
+    """The copy's params.yaml: the committed params on a stratified subset, a smaller zoo, and `edit`."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["subset"] = subset
+    params["zoo"] = zoo
+    edit(params)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def tiny_params(repo: Path) -> None:
     """The committed params with overrides for a fast CPU run: a few hundred images, one epoch, two models."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["subset"] = {"train": 500, "test": 200}
-    params["zoo"] = ZOO
-    params["train"].update(epochs=1, verbose=2)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(repo, {"train": 500, "test": 200}, ZOO, lambda p: p["train"].update(epochs=1, verbose=2))
 
 
 def stage_env(shared_datasets: Path, bentoml_home: Path) -> dict:

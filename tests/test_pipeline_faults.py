@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import copy_repo, require_shared_datasets
-from tests.test_pipeline import VENV_BIN, run, stage_env
+from tests.test_pipeline import VENV_BIN, edit_params, run, stage_env
 
 pytestmark = pytest.mark.slow
 MODEL = "cnn_basic"
@@ -52,11 +51,8 @@ def interrupted_repro(repo: Path, env: dict) -> str:
 def test_interrupted_training_then_repro_completes(tmp_path):
     shared_datasets = require_shared_datasets()
     repo = copy_repo(tmp_path / "repo")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["subset"] = {"train": 12000, "test": 200}
-    params["zoo"] = [MODEL]
-    params["train"].update(epochs=EPOCHS, verbose=2, patience=0)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(repo, {"train": 12000, "test": 200}, [MODEL],
+                lambda p: p["train"].update(epochs=EPOCHS, verbose=2, patience=0))
     env = stage_env(shared_datasets, tmp_path / "bentoml")
 
     log = interrupted_repro(repo, env)
