@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import psutil
-from tqdm import tqdm
 
 from benchmarks.loadgen import png_file
 from serving.inputs import parse_batch
 from serving.local_server import REPO, ChildServer, LocalServer
 from serving.preprocess import image_to_input
 from serving.runtime import OnnxClassifier
+from training.progress import progress
 
 EXPORT = REPO / "export" / "model.onnx"
 DATASET = REPO / "data" / "prepared" / "dataset.npz"
@@ -164,7 +164,7 @@ def main() -> None:
             try:
                 loadgen(server.url, "png", payloads, 16, 500, 5)  # warm-up, not reported
                 measured: dict = {"png": {}, "json": {}}
-                for kind, concurrency in tqdm(plan, desc=name, unit="load", file=sys.stderr):
+                for kind, concurrency in progress(plan, desc=name, unit="load"):
                     runs = [loadgen(server.url, kind, payloads, concurrency, args.requests, args.duration)
                             for _ in range(args.repeats)]
                     measured[kind][str(concurrency)] = median_of(runs)

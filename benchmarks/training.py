@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from training.checkpoint import read_json
 from training.config import CARD_FILE, DATASET_FILE, architecture_options, load_params, train_config
+from training.progress import progress
 from training.data import Prepared
 from training.evaluation import predict_logits
 from training.models import build_model
@@ -136,7 +136,7 @@ def main() -> None:
     dataset = TutorialDataset(x, y, config)
     x_ours, y_ours = torch.from_numpy(x), torch.from_numpy(y)
     rows = []
-    for repeat in tqdm(range(args.repeats), desc="throughput repeats", file=sys.stderr):
+    for repeat in progress(range(args.repeats), desc="throughput repeats", unit="repeat"):
         ours = our_epoch(fresh_model(), x_ours, y_ours, config)
         tutorial = tutorial_epoch(fresh_model().to(device), dataset, config, device, args.workers)
         rows.append({"repeat": repeat + 1, "ours": ours, "tutorial": tutorial, "ratio": ours / tutorial})

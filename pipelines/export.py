@@ -1,6 +1,5 @@
 """export stage: the champion as one self-contained ONNX file, parity-checked, in MLflow and BentoML."""
 import logging
-import sys
 
 import mlflow
 
@@ -35,9 +34,10 @@ def main() -> None:
         "parameters": champion["parameters"],
         "test_time_augmentation": "flip" if tta else "none",
     }
+    log.info("exporting %s to ONNX%s", champion["model"], " with flip TTA in the graph" if tta else "")
     path = export_onnx(net, EXPORT_DIR / "model.onnx", metadata)
     parity = check_parity(net, path, Prepared.load(DATASET_FILE).images("test"),
-                          atol=params["export"]["parity_atol"], progress=sys.stderr.isatty())
+                          atol=params["export"]["parity_atol"], progress=True)
     log.info("parity on %d test images: max |p_onnx - p_torch| = %.2e, argmax disagreements: %d",
              parity["images"], parity["max_abs_probability_diff"], parity["argmax_disagreements"])
 

@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from tqdm import tqdm
 
 from training.datasets import IMAGE_SHAPE
+from training.progress import progress as progress_of
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
@@ -69,7 +69,8 @@ def check_parity(net: torch.nn.Module, path: Path, images: np.ndarray, batch_siz
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     net = net.cpu().eval()
     max_diff, disagreements = 0.0, 0
-    for start in tqdm(range(0, len(images), batch_size), desc="parity check", disable=not progress):
+    starts = range(0, len(images), batch_size)
+    for start in progress_of(starts, "parity check", unit="batch") if progress else starts:
         batch = images[start: start + batch_size]
         with torch.no_grad():
             expected = torch.softmax(net(torch.from_numpy(batch)), dim=1).numpy()
