@@ -17,7 +17,7 @@ MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: setup run run-full test ui serve bench bench-train clean
+.PHONY: setup browser run run-full test ui serve bench bench-train clean
 
 setup: $(VENV)/.installed
 
@@ -36,7 +36,12 @@ run: setup
 run-full: setup
 	$(BIN)/dvc exp run $$($(BIN)/python -m pipelines.preset full)
 
-test: setup
+# Debian's Chromium and ChromeDriver for the browser tests (skipped, saying why, where they can't be installed).
+browser:
+	tests/install_browser.sh
+
+# Screenshots of the browser tests land in test-artifacts/screenshots.
+test: setup browser
 	$(BIN)/pytest
 
 ui: setup

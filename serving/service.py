@@ -1,7 +1,7 @@
 """The BentoML service: the exported champion over REST, adaptively batched on onnxruntime.
 
 Routes: POST /predict (an image file, multipart field `image`), POST /predict_batch (JSON pixel arrays),
-GET /model (the model card); BentoML adds /livez, /readyz, /metrics and the docs at / (/docs.json).
+GET /model (the model card), GET /ui/ (a demo page: plain HTML/JS/CSS from serving/ui); BentoML adds /livez, /readyz, /metrics and the docs at / (/docs.json).
 They are a FastAPI app mounted in the service rather than `@bentoml.api` methods: BentoML's API request
 path costs about 0.8 ms of CPU per request before any work, as much as the model itself (README,
 "How a request is served"), while a mounted app runs in the same BentoML workers, docs, metrics, model store
@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import gc
 import os
+from pathlib import Path
 from typing import Any
 
 import anyio
 import bentoml
 import numpy as np
 import orjson
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import Histogram
 from pydantic import BaseModel, Field
 
@@ -67,6 +70,11 @@ class Prediction(BaseModel):
     top_k: list[ClassProbability]
 
 
+class Details(Prediction):
+    probabilities: list[ClassProbability] = Field(description="every class, in class order")
+    model_input: list[list[int]] = Field(description="the grey image the model took, rows of pixels 0-255")
+
+
 class Error(BaseModel):
     error: str = Field(description="what is wrong with the request")
 
@@ -90,17 +98,26 @@ async def client_error(request: Request, exc: ClientError) -> Response:
     return json_response({"error": exc.message}, exc.status)
 
 
-@api.post("/predict", response_model=Prediction, responses=ERRORS, openapi_extra={"requestBody": {
+@api.post("/predict", response_model=Prediction | Details, responses=ERRORS, openapi_extra={"requestBody": {
     "required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["image"],
         "properties": {"image": {"type": "string", "format": "binary",
                                  "description": "an image file: PNG, JPEG, BMP, GIF, WebP, TIFF..."}}}}}}})
-async def predict(request: Request) -> Response:
-    """Classify one image file (multipart field `image`): any size, colour or grey."""
+async def predict(request: Request, details: bool = Query(False, description=(
+        "also return every class's probability and the 28x28 image the model took (as the demo page shows)"))
+                  ) -> Response:
+    """Classify one image file (multipart field `image`): any size, colour or grey. Try it in a browser: /ui/"""
     service: Classifier = bentoml.get_current_service()
     with service.batcher.tracked():
         data = await read_upload(request, "image")
-        return json_response(service.predictions(await service.batcher(await service.decode(data)))[0])
+        image = await service.decode(data)
+        probabilities = await service.batcher(image)
+        prediction = service.predictions(probabilities)[0]
+        if details:
+            prediction["probabilities"] = [{"class_name": name, "probability": p}
+                                           for name, p in zip(service.class_names, probabilities[0].tolist())]
+            prediction["model_input"] = image[0, 0].tolist()
+        return json_response(prediction)
 
 
 @api.post("/predict_batch", response_model=list[Prediction], responses=ERRORS, openapi_extra={"requestBody": {
@@ -121,6 +138,15 @@ async def predict_batch(request: Request) -> Response:
 async def model_card() -> Response:
     """The served model: name, dataset, class names, accuracy, MLflow run, BentoML tag, execution provider."""
     return json_response(bentoml.get_current_service().card())
+
+
+@api.get("/ui", include_in_schema=True, response_class=RedirectResponse, status_code=307)
+async def demo_page() -> RedirectResponse:
+    """The demo page: drop, pick or draw an image and see what the model sees and says."""
+    return RedirectResponse("ui/", status_code=307)  # relative: works behind a path prefix
+
+
+api.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True), name="ui")
 
 
 @bentoml.service(name="fashion_mnist_classifier", workers=WORKERS, traffic={"timeout": TIMEOUT_S},

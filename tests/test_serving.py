@@ -90,6 +90,32 @@ def test_predict_a_png_of_a_test_image(server, model, offline):
     assert len(body["top_k"]) == 3
 
 
+def test_predict_details_give_every_probability_and_the_model_input(server, model, offline):
+    """What the demo page draws: all classes in order and the 28x28 pixels the model took."""
+    response = requests.post(f"{server.url}/predict?details=true", files={"image": ("x.png", png(model["x"][1, 0]))},
+                             timeout=10)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [p["class_name"] for p in body["probabilities"]][:2] == ["T-shirt/top", "Trouser"]
+    np.testing.assert_allclose([p["probability"] for p in body["probabilities"]], offline[1], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(body["model_input"]), model["x"][1, 0])
+    plain = requests.post(f"{server.url}/predict", files={"image": ("x.png", png(model["x"][1, 0]))}, timeout=10)
+    assert set(plain.json()) == {"label", "class_name", "confidence", "top_k"}  # the default answer stays small
+
+
+def test_demo_page_is_served_without_anything_from_the_internet(server):
+    page = requests.get(f"{server.url}/ui", timeout=5)  # redirected to /ui/
+    assert page.status_code == 200 and page.url.endswith("/ui/") and "Try the classifier" in page.text
+    texts = [page.text]
+    for asset, kind in (("app.js", "javascript"), ("style.css", "text/css")):
+        response = requests.get(f"{server.url}/ui/{asset}", timeout=5)
+        assert response.status_code == 200 and kind in response.headers["content-type"]
+        texts.append(response.text)
+    assert not [text for text in texts if re.search(r"https?://", text)]  # no CDN or font: nothing from elsewhere
+    assert requests.get(f"{server.url}/ui/missing.js", timeout=5).status_code == 404
+    assert "/ui" in requests.get(f"{server.url}/docs.json", timeout=5).json()["paths"]  # linked from the docs
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "BMP", "GIF", "WEBP"])
 def test_predict_other_formats_sizes_and_light_backgrounds(server, model, offline, fmt):
     """A large colour photo-like image, dark object on white: inverted, trimmed, scaled, centred."""
@@ -272,5 +298,6 @@ def test_bentoml_build_packages_the_model_and_the_bento_serves(model, tmp_path):
         assert requests.get(f"{built.url}/model", timeout=10).json()["bentoml_tag"] == model["tag"]
         image = png(model["x"][0, 0])
         assert requests.post(f"{built.url}/predict", files={"image": ("x.png", image)}, timeout=30).status_code == 200
+        assert "Try the classifier" in requests.get(f"{built.url}/ui/", timeout=10).text  # the page is in the bento
     finally:
         built.close()
