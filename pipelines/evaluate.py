@@ -9,7 +9,7 @@ import torch
 from pipelines._stage import run
 from training import tracking
 from training.checkpoint import load_trained, read_json, summary_path, write_json
-from training.config import (CARD_FILE, DATASET_FILE, METRICS_DIR, PREDICTIONS_DIR, REPORTS_DIR,
+from training.config import (CARD_FILE, DATASET_FILE, METRICS_DIR, PREDICTIONS_DIR, EVALUATION_DIR,
                              experiment_name, flip_tta, load_params)
 from training.data import Prepared
 from training.evaluation import classification_report, confusion_matrix, loss_and_accuracy, predict_logits
@@ -52,7 +52,7 @@ def main() -> None:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
         writer.writerows((class_names[a], class_names[p]) for a, p in zip(actual, predicted))
-    out = REPORTS_DIR / name
+    out = EVALUATION_DIR / name
     write_json(report, out / "classification_report.json")
     write_json({"labels": class_names, "matrix": confusion.tolist()}, out / "confusion_matrix.json")
     confusion_figure(confusion, class_names, f"{name}: test accuracy {scores['test_accuracy']:.2%}",

@@ -1,4 +1,4 @@
-"""select stage: the champion by validation accuracy, a comparison table, the MLflow registry alias."""
+"""select stage: the champion by validation accuracy, the MLflow registry alias, the pipeline report."""
 import logging
 
 import mlflow
@@ -7,8 +7,9 @@ from mlflow import MlflowClient
 from pipelines._stage import run
 from training import tracking
 from training.checkpoint import read_json, summary_path, write_json
-from training.config import (CHAMPION_FILE, METRICS_DIR, REPORTS_DIR, dataset_spec, experiment_name,
-                             load_params, registered_model_name)
+from training.config import (CHAMPION_FILE, CURVES_DIR, EVALUATION_DIR, METRICS_DIR, REPORT_FIGURES_DIR,
+                             REPORT_FILE, dataset_spec, experiment_name, load_params, registered_model_name)
+from training.report import read_curve, write_report
 from training.selection import choose_champion, comparison_table
 
 log = logging.getLogger("select")
@@ -18,9 +19,9 @@ def main() -> None:
     params = load_params()
     rows = [{**read_json(summary_path(name)), **read_json(METRICS_DIR / f"{name}.json")} for name in params["zoo"]]
     champion = choose_champion(rows)
-    table = comparison_table(rows, champion["model"])
-    REPORTS_DIR.mkdir(parents=True, exist_ok=True)
-    (REPORTS_DIR / "models.md").write_text(f"# {dataset_spec(params).name}: model comparison\n\n{table}")
+    curves = {name: read_curve(CURVES_DIR / f"{name}.csv") for name in params["zoo"]}
+    write_report(f"{dataset_spec(params).name}: pipeline report", rows, champion, curves,
+                          EVALUATION_DIR / champion["model"], REPORT_FILE, REPORT_FIGURES_DIR)
 
     tracking.setup(experiment_name(params))
     name = registered_model_name(params)
@@ -30,6 +31,9 @@ def main() -> None:
     client = MlflowClient()
     client.set_registered_model_alias(name, params["mlflow"]["alias"], version.version)
     client.set_tag(champion["run_id"], "champion", "true")
+    # next to the champion's own evaluation, in the run people open first; the report's links still work there
+    client.log_artifact(champion["run_id"], str(REPORT_FILE), "pipeline_report")
+    client.log_artifacts(champion["run_id"], str(REPORT_FIGURES_DIR), f"pipeline_report/{REPORT_FIGURES_DIR.name}")
 
     write_json({
         "model": champion["model"],
@@ -42,9 +46,9 @@ def main() -> None:
         "version": int(version.version),
         "alias": params["mlflow"]["alias"],
     }, CHAMPION_FILE)
-    log.info("champion: %s (val_acc %.4f, test_acc %.4f), %s version %s alias %r\n%s", champion["model"],
-             champion["val_accuracy"], champion["test_accuracy"], name, version.version,
-             params["mlflow"]["alias"], table)
+    log.info("champion: %s (val_acc %.4f, test_acc %.4f), %s version %s alias %r; report: %s\n%s",
+             champion["model"], champion["val_accuracy"], champion["test_accuracy"], name, version.version,
+             params["mlflow"]["alias"], REPORT_FILE, comparison_table(rows, champion["model"]))
 
 
 if __name__ == "__main__":

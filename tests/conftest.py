@@ -69,3 +69,17 @@ def served_model(tmp_path_factory) -> dict:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     offline = session.run(["probabilities"], {"images": x_test[:1000]})[0]  # what the model says offline
     return {"onnx": onnx_path, "home": home, "tag": tag, "x": x_test[:1000], "y": y_test[:1000], "offline": offline}
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """The tiny pipeline (`dvc repro` in a copy of the repo), run once for every test that looks at it."""
+    from tests.pipeline_fixtures import VENV_BIN, run, stage_env, tiny_params
+
+    shared_datasets = require_shared_datasets()
+    root = tmp_path_factory.mktemp("pipeline")
+    repo = copy_repo(root / "repo")
+    tiny_params(repo)
+    env = stage_env(shared_datasets, root / "bentoml")
+    log = run([str(VENV_BIN / "dvc"), "repro"], repo, env)
+    return repo, env, log

@@ -6,7 +6,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import copy_repo, require_shared_datasets
-from tests.test_pipeline import VENV_BIN, edit_params, run, stage_env
+from tests.pipeline_fixtures import VENV_BIN, edit_params, run, stage_env
 
 pytestmark = pytest.mark.slow
 MODEL = "resnet"

@@ -1,64 +1,18 @@
 """End to end: a real `dvc repro` on a tiny subset in a copy of the repo, real MLflow stores."""
 import json
-import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import requests
-import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import copy_repo, require_shared_datasets
+from tests.pipeline_fixtures import VENV_BIN, ZOO, run
 
 pytestmark = pytest.mark.slow
-
-VENV_BIN = Path(sys.executable).parent
-ZOO = ["mlp_relu_10", "cnn_basic"]
-
-
-def edit_params(repo: Path, subset: dict, zoo: list[str], edit: Callable[[dict], None]) -> None:
-    """The copy's params.yaml: the committed params on a stratified subset, a smaller zoo, and `edit`."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["subset"] = subset
-    params["zoo"] = zoo
-    edit(params)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def tiny_params(repo: Path) -> None:
-    """The committed params with overrides for a fast CPU run: a few hundred images, one epoch, two models."""
-    edit_params(repo, {"train": 500, "test": 200}, ZOO, lambda p: p["train"].update(epochs=1, verbose=2))
-
-
-def stage_env(shared_datasets: Path, bentoml_home: Path) -> dict:
-    """The environment of `make run`, with the BentoML store in a temp folder, not the user's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "BENTO"))}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", DATASET_MIRROR=f"{shared_datasets}/{{dataset}}",
-               BENTOML_HOME=str(bentoml_home), BENTOML_DO_NOT_TRACK="true")
-    return env
-
-
-def run(cmd: list[str], repo: Path, env: dict, timeout: int = 600) -> str:
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """The tiny pipeline, run once for the tests of this module."""
-    shared_datasets = require_shared_datasets()
-    root = tmp_path_factory.mktemp("pipeline")
-    repo = copy_repo(root / "repo")
-    tiny_params(repo)
-    env = stage_env(shared_datasets, root / "bentoml")
-    log = run([str(VENV_BIN / "dvc"), "repro"], repo, env)
-    return repo, env, log
 
 
 def test_export_writes_onnx_to_mlflow_and_the_bentoml_store(pipeline):
@@ -76,7 +30,7 @@ def test_export_writes_onnx_to_mlflow_and_the_bentoml_store(pipeline):
 
 def test_repro_writes_every_output(pipeline):
     repo, _, log = pipeline
-    for path in ["dvc.lock", "champion.json", "reports/models.md", "data/prepared/dataset.npz",
+    for path in ["dvc.lock", "champion.json", "reports/report.md", "data/prepared/dataset.npz",
                  "data/prepared/card.json", "data/prepared/samples.png"]:
         assert (repo / path).is_file(), path
     for model in ZOO:
@@ -84,11 +38,32 @@ def test_repro_writes_every_output(pipeline):
         metrics = json.loads((repo / f"metrics/{model}.json").read_text())
         assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["parameters"] > 0
         assert (repo / f"plots/predictions/{model}.csv").read_text().count("\n") == 201
-        assert (repo / f"reports/{model}/confusion_matrix.png").stat().st_size > 1000
+        assert (repo / f"reports/evaluation/{model}/confusion_matrix.png").stat().st_size > 1000
     card = json.loads((repo / "data/prepared/card.json").read_text())
     assert card["images"] == {"train": 450, "val": 50, "test": 200}
     assert sum(card["per_class"]["test"].values()) == 200
     assert "epoch 1/1" in log  # one line per epoch in logs
+
+
+def test_select_writes_the_pipeline_report(pipeline):
+    """The report: every model in the table, the champion's figures, in MLflow and in `dvc plots show`."""
+    repo, env, _ = pipeline
+    report = (repo / "reports/report.md").read_text()
+    champion = json.loads((repo / "champion.json").read_text())
+    assert f"Champion: **{champion['model']}**" in report
+    assert all(f"| {model}" in report for model in ZOO)
+    figures = {"accuracy.png", "curves.png", "per_class.png", "confusion_matrix.png", "mistakes.png"}
+    assert {p.name for p in (repo / "reports/figures").iterdir()} == figures
+    assert all(f"(figures/{name})" in report for name in figures)  # links that work beside the markdown
+    assert report.count("| T-shirt/top |") == 1  # the per-class table
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    logged = {a.path for a in client.list_artifacts(champion["run_id"], "pipeline_report/figures")}
+    assert logged == {f"pipeline_report/figures/{name}" for name in figures}
+    shown = subprocess.run([str(VENV_BIN / "dvc"), "plots", "show", "--json"], cwd=repo, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    shown = json.loads(shown)
+    assert {f"reports/figures/{name}" for name in figures} <= set(shown["data"])
+    assert not shown.get("errors")  # every plot loads, the confusion data and curves included
 
 
 def test_champion_is_the_best_on_validation_and_registered(pipeline):

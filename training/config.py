@@ -23,6 +23,9 @@ METRICS_DIR = Path("metrics")
 CURVES_DIR = Path("plots/curves")
 PREDICTIONS_DIR = Path("plots/predictions")
 REPORTS_DIR = Path("reports")
+EVALUATION_DIR = REPORTS_DIR / "evaluation"  # one folder per model, written by its evaluate stage
+REPORT_FILE = REPORTS_DIR / "report.md"  # the pipeline report, written by the select stage
+REPORT_FIGURES_DIR = REPORTS_DIR / "figures"
 CHAMPION_FILE = Path("champion.json")
 EXPORT_DIR = Path("export")
 
