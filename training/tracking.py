@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 # `dvc exp run --temp/--queue` runs each experiment in a copy of the repo under this folder
 DVC_EXPERIMENT_TEMP = "/.dvc/tmp/exps/"
@@ -73,7 +74,17 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
 
 @contextmanager
 def start_run(**kwargs):
-    """mlflow.start_run that marks an interrupted run KILLED and a crashed one FAILED, never RUNNING."""
+    """mlflow.start_run that marks an interrupted run KILLED and a crashed one FAILED, never RUNNING.
+    Resuming a run the store does not have (another store, or a deleted mlflow.db) is a clear error."""
+    if kwargs.get("run_id"):
+        try:
+            mlflow.get_run(kwargs["run_id"])
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise ValueError(f"MLflow run {kwargs['run_id']}, logged when the model was trained, is not in the "
+                             f"tracking store {mlflow.get_tracking_uri()}: point MLFLOW_TRACKING_URI at the store "
+                             "it was logged to, or retrain the model (`dvc repro --force train@<model>`)") from None
     run = mlflow.start_run(**kwargs)
     try:
         yield run
