@@ -18,7 +18,7 @@ def on_terminal() -> bool:
 def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "step",
              terminal: bool | None = None) -> Iterator[T]:
     """Yield `items`; report each one done: a tqdm bar when stderr is a terminal, else a line on stderr
-    (`desc: 3/8 steps done, 12.5 s`) after each step."""
+    (`desc: step 3/8 done, 12.5 s`) after each step."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)
     if on_terminal() if terminal is None else terminal:
@@ -27,5 +27,5 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str 
     started = time.perf_counter()
     for done, item in enumerate(items, 1):
         yield item
-        print(f"{desc}: {done}/{total if total is not None else '?'} {unit}s done, "
+        print(f"{desc}: {unit} {done}/{total if total is not None else '?'} done, "
               f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
