@@ -56,14 +56,15 @@ def screenshot(driver: webdriver.Chrome, name: str) -> Path:
     """A PNG of the whole page under test-artifacts/screenshots, for a person to look at."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1280, max(1100, min(int(height) + 40, 4000)))
+    width, height = driver.execute_script(
+        "return [window.outerWidth, document.documentElement.scrollHeight]")  # the whole page, not just the top
+    driver.set_window_size(width, max(1100, min(int(height) + 40, 4000)))
     driver.save_screenshot(str(path))
     return path
 
 
 def wait_for(driver: webdriver.Chrome, condition: Callable[[webdriver.Chrome], object], what: str,
-             timeout: float = 30):
+             timeout: float = 60):
     """Wait until `condition(driver)` is truthy; on timeout, fail naming `what` (with a screenshot)."""
     try:
         return WebDriverWait(driver, timeout).until(condition)

@@ -44,6 +44,12 @@ def page_text(driver) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
 
+SCROLL_TO_METRICS = """
+    const heading = [...document.querySelectorAll("body *")].find(
+        (e) => /^Metrics \\(\\d+\\)$/.test(e.textContent.trim()) && e.children.length < 3);
+    if (heading) heading.scrollIntoView();"""
+
+
 def shown_metrics(text: str, names: tuple[str, ...]) -> dict[str, str]:
     """The values a run page's Metrics table shows (each metric's name, then its value, one per line)."""
     if "Metrics (" not in text:  # not rendered yet
@@ -65,6 +71,7 @@ def test_every_zoo_model_is_listed_with_its_metrics(mlflow_ui, runs, browser):
         browser.get(f"{mlflow_ui.url}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
         wait_for(browser, lambda d: len(shown_metrics(page_text(d), metrics)) == len(metrics),
                  f"the metrics of {name}")
+        browser.execute_script(SCROLL_TO_METRICS)  # for the screenshot
         screenshot(browser, f"mlflow-run-{name}")
         assert name in page_text(browser)
         for metric, shown in shown_metrics(page_text(browser), metrics).items():
