@@ -1,7 +1,8 @@
 """The BentoML service: the exported champion over REST, adaptively batched on onnxruntime.
 
 Routes: POST /predict (an image file, multipart field `image`), POST /predict_batch (JSON pixel arrays),
-GET /model (the model card), GET /ui/ (a demo page: plain HTML/JS/CSS from serving/ui); BentoML adds /livez, /readyz, /metrics and the docs at / (/docs.json).
+GET /model (the model card), GET /ui/ (a demo page: plain HTML/JS/CSS from serving/ui); BentoML adds
+/livez, /readyz, /metrics and the docs at / (/docs.json).
 They are a FastAPI app mounted in the service rather than `@bentoml.api` methods: BentoML's API request
 path costs about 0.8 ms of CPU per request before any work, as much as the model itself (README,
 "How a request is served"), while a mounted app runs in the same BentoML workers, docs, metrics, model store
@@ -98,14 +99,16 @@ async def client_error(request: Request, exc: ClientError) -> Response:
     return json_response({"error": exc.message}, exc.status)
 
 
+DETAILS = Query(False, description="also return every class's probability and the 28x28 image the model took "
+                                  "(what the demo page shows)")
+
+
 @api.post("/predict", response_model=Prediction | Details, responses=ERRORS, openapi_extra={"requestBody": {
     "required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["image"],
         "properties": {"image": {"type": "string", "format": "binary",
                                  "description": "an image file: PNG, JPEG, BMP, GIF, WebP, TIFF..."}}}}}}})
-async def predict(request: Request, details: bool = Query(False, description=(
-        "also return every class's probability and the 28x28 image the model took (as the demo page shows)"))
-                  ) -> Response:
+async def predict(request: Request, details: bool = DETAILS) -> Response:
     """Classify one image file (multipart field `image`): any size, colour or grey. Try it in a browser: /ui/"""
     service: Classifier = bentoml.get_current_service()
     with service.batcher.tracked():
