@@ -6,8 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from training.plots import accuracy_bars, curves_figure, per_class_figure
 from training.selection import comparison_table
 
@@ -19,14 +17,6 @@ def read_curve(path: Path) -> dict[str, list[float]]:
     return {key: [float(row[key]) for row in rows] for key in rows[0]} if rows else {}
 
 
-def per_class_accuracy(confusion: dict) -> dict[str, float]:
-    """Recall of each class from a confusion matrix JSON {"labels": [...], "matrix": [[...]]} (rows: actual)."""
-    matrix = np.asarray(confusion["matrix"], dtype=float)
-    support = matrix.sum(1)
-    recall = np.divide(np.diag(matrix), support, out=np.zeros(len(matrix)), where=support > 0)
-    return dict(zip(confusion["labels"], recall.tolist()))
-
-
 def write_report(title: str, rows: list[dict], champion: dict, curves: dict[str, dict[str, list[float]]],
                  champion_evaluation: Path, report_file: Path, figures_dir: Path) -> None:
     """The report's markdown and, in `figures_dir` (replaced), its figures, linked relative to the markdown."""
@@ -34,8 +24,9 @@ def write_report(title: str, rows: list[dict], champion: dict, curves: dict[str,
     if figures_dir.exists():
         shutil.rmtree(figures_dir)  # no figure of an earlier run survives next to this one's
     figures_dir.mkdir(parents=True)
-    confusion = json.loads((champion_evaluation / "confusion_matrix.json").read_text())
-    accuracy = per_class_accuracy(confusion)
+    report = json.loads((champion_evaluation / "classification_report.json").read_text())
+    accuracy = {cls: scores["recall"] for cls, scores in report.items()  # per class: the evaluate stage's recall
+                if isinstance(scores, dict) and not cls.endswith(" avg")}
     figures = {
         "accuracy": accuracy_bars(rows, name, figures_dir / "accuracy.png"),
         "curves": curves_figure(curves, figures_dir / "curves.png"),
