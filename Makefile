@@ -1,7 +1,8 @@
 # Two commands on a fresh machine: `make run` (set up + pipeline) and `make test` (set up + tests).
 SHELL := /bin/bash
 PYTHON ?= python3
-UV_VERSION := 0.13.8
+# The uv that creates .venv is the one .venv itself declares (pyproject.toml).
+UV_VERSION := $(shell sed -n 's/^ *"uv==\([0-9.]*\)".*/\1/p' pyproject.toml)
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv

@@ -20,6 +20,8 @@ from tests.serving_fixtures import MODEL_NAME, metric_samples, png, serving
 
 pytestmark = pytest.mark.slow
 MAX_BODY = 4 * 1024 * 1024
+# What a fresh machine has on its PATH before the project installs anything.
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @pytest.fixture(scope="module")
@@ -279,8 +281,10 @@ def test_openapi_docs_have_request_examples(server):
 
 
 def test_bentoml_build_packages_the_model_and_the_bento_serves(model, tmp_path):
+    """The environment alone builds the bento: with only system directories on the PATH (not even
+    .venv/bin), no uv or pip that a developer installed by hand can stand in for a missing dependency."""
     env = {**os.environ, "BENTOML_HOME": str(model["home"]), "BENTOML_DO_NOT_TRACK": "true",
-           "BENTO_MODEL_TAG": f"{MODEL_NAME}:latest"}
+           "BENTO_MODEL_TAG": f"{MODEL_NAME}:latest", "PATH": SYSTEM_PATH}
     bentoml = str(Path(sys.executable).parent / "bentoml")
     done = subprocess.run([bentoml, "build", "--output", "tag"], cwd=Path(__file__).parents[1], env=env,
                           capture_output=True, text=True, timeout=600)
