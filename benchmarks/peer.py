@@ -16,10 +16,10 @@ import numpy as np
 from fastapi import FastAPI, File, UploadFile
 from pydantic import BaseModel, Field
 
-from serving.local_server import REPO
+from benchmarks.local_server import REPO
 from serving.model_store import read_metadata
 from serving.preprocess import image_to_input
-from training.checkpoint import read_json
+from serving.files import read_json
 
 ONNX_PATH = REPO / "export" / "model.onnx"
 BACKEND = os.environ.get("PEER_BACKEND", "onnx")
@@ -38,10 +38,10 @@ def torch_model():
     import torch
 
     from training.checkpoint import load_trained
-    from training.config import CARD_FILE, load_params
+    from training.config import CARD_FILE, Params
     from training.export import ServingModel
 
-    net = ServingModel(load_trained(METADATA["model_name"], load_params(), read_json(CARD_FILE))).eval()
+    net = ServingModel(load_trained(METADATA["model_name"], Params.load(), read_json(CARD_FILE))).eval()
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():

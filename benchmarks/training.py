@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from training.checkpoint import read_json
-from training.config import CARD_FILE, DATASET_FILE, architecture_options, load_params, train_config
+from serving.files import read_json
+from training.config import CARD_FILE, DATASET_FILE, Params, TrainConfig
 from training.progress import progress
 from training.data import Prepared
 from training.evaluation import predict_logits
 from training.models import build_model
-from training.trainer import TrainConfig, make_optimizer, make_scheduler, resolve_device, seed_everything, train
+from training.trainer import make_optimizer, make_scheduler, resolve_device, seed_everything, train
 
 RESULTS = Path("benchmarks/results/training.json")
 
@@ -121,14 +121,14 @@ def main() -> None:
     parser.add_argument("--skip-accuracy", action="store_true", help="only the images/s comparison")
     args = parser.parse_args()
 
-    params, card = load_params(), read_json(CARD_FILE)
+    params, card = Params.load(), read_json(CARD_FILE)
     data = Prepared.load(DATASET_FILE)
-    config = train_config(params, args.model)
+    config = params.train_config(args.model)
     device = resolve_device(config.device)
 
     def fresh_model() -> torch.nn.Module:
         seed_everything(config.seed)
-        return build_model(args.model, architecture_options(params, args.model), card["pixel_mean"],
+        return build_model(args.model, params.architecture_options(args.model), card["pixel_mean"],
                            card["pixel_std"])
 
     count = args.images or len(data.images("train"))

@@ -4,20 +4,18 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
+from types import FrameType
 
-from training.data import DataFormatError
-from training.fetch import FetchError
-
-EXPECTED_ERRORS = (FetchError, DataFormatError, ValueError, FileNotFoundError)  # ParityError is a ValueError
+from training.errors import PipelineError
 
 
-def _interrupt(signum, frame):
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage; an expected failure prints one clear line instead of a traceback."""
+    """Run a stage; an expected failure (a PipelineError) prints one clear line instead of a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for noisy in ("alembic", "mlflow.store.db.utils", "urllib3", "onnxscript", "onnx_ir"):
@@ -26,6 +24,6 @@ def run(main: Callable[[], None]) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
-    except EXPECTED_ERRORS as exc:
+    except PipelineError as exc:
         logging.getLogger("pipeline").error("%s", exc)
         sys.exit(1)

@@ -2,7 +2,8 @@
 import json
 import sys
 
-from training.config import apply_overrides, load_params, preset_overrides
+from training.config import Params, apply_overrides, load_params, preset_overrides
+from training.errors import ConfigError
 
 
 def as_text(value: object) -> str:
@@ -18,12 +19,12 @@ def as_argument(key: str, value: object) -> str:
 
 def main() -> None:
     overrides = preset_overrides(sys.argv[1] if len(sys.argv) > 1 else "full")
-    apply_overrides(load_params(), overrides)  # refuse keys params.yaml does not have
+    Params.from_dict(apply_overrides(load_params(), overrides))  # refuse keys and values params.yaml can't take
     print(" ".join(as_argument(k, v) for k, v in overrides.items()))
 
 
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as exc:
+    except ConfigError as exc:
         sys.exit(f"preset: {exc}")

@@ -1,12 +1,13 @@
 """The BentoML model store: where the export stage puts the ONNX model and the service finds it."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import bentoml
+
+from serving.files import sha256_file
 
 ONNX_FILE = "model.onnx"
 EXPORT_RECORD = Path(__file__).resolve().parents[1] / "export" / "export.json"
@@ -39,17 +40,9 @@ def decode_metadata(props: dict[str, str]) -> dict[str, object]:
     return decoded
 
 
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_onnx(path: Path, name: str, labels: dict[str, str]) -> str:
     """Save `path` as a new version of BentoML model `name`, with its ONNX metadata; return the tag."""
-    metadata = {**read_metadata(path), "onnx_sha256": file_sha256(path)}  # checked when served
+    metadata = {**read_metadata(path), "onnx_sha256": sha256_file(path)}  # checked when served
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         shutil.copyfile(path, model.path_of(ONNX_FILE))
     return str(model.tag)

@@ -9,7 +9,8 @@ import subprocess
 import numpy as np
 import onnxruntime as ort
 
-from serving.model_store import decode_metadata, file_sha256
+from serving.files import sha256_file
+from serving.model_store import decode_metadata
 
 log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
@@ -49,7 +50,7 @@ def verified_model_file(path: str, expected_sha256: str | None) -> str:
         raise ModelFileError(f"model file {path} is missing: re-run the export stage (`dvc repro export`)")
     if expected_sha256 is None:
         log.warning("no checksum recorded for %s: its integrity is not verified", path)
-    elif (actual := file_sha256(path)) != expected_sha256:
+    elif (actual := sha256_file(path)) != expected_sha256:
         raise ModelFileError(f"model file {path} is corrupt: sha256 {actual} differs from {expected_sha256} "
                              "recorded at export; re-run the export stage (`dvc repro export`)")
     return path

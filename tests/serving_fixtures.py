@@ -12,13 +12,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from serving.local_server import LocalServer
+from benchmarks.local_server import LocalServer
 from tests.conftest import REPO, require_shared_datasets
 from training.data import load_idx_pair
 from training.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, get_spec
 from training.export import export_onnx
 from training.models import build_model
-from training.trainer import TrainConfig, seed_everything, train
+from training.config import TrainConfig, load_params
+from training.trainer import seed_everything, train
 
 MODEL_NAME = "fashion-mnist-classifier"
 
@@ -32,7 +33,7 @@ def small_model(folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     net = build_model("mlp_512", mean=0.286, std=0.353)
     x, y = x.copy(), y.copy()  # writable, as torch wants
     train(net, torch.from_numpy(x[:6000]), torch.from_numpy(y[:6000]), torch.from_numpy(x[6000:7000]),
-          torch.from_numpy(y[6000:7000]), TrainConfig(epochs=2, verbose=0, schedule="onecycle", lr=2e-3))
+          torch.from_numpy(y[6000:7000]), TrainConfig.from_dict({**load_params(REPO / "params.yaml")["train"], "epochs": 2, "verbose": 0, "lr": 2e-3}))
     spec = get_spec("fashion-mnist")
     path = export_onnx(net.eval(), folder / "model.onnx", {
         "model_name": "mlp_512", "dataset": spec.name, "class_names": list(spec.class_names),

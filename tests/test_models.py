@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from training.config import PRESETS_DIR, apply_overrides, architecture_options, load_params, preset_overrides
+from training.config import PRESETS_DIR, Params, apply_overrides, load_params, preset_overrides
+from training.errors import ConfigError
 from training.models import ACTIVATIONS, ZOO, FlipAveraged, ResidualBlock, build_model, count_parameters
 
 # weights + biases, layer by layer (BN: 2 per channel; convs/dense before BN have no bias)
@@ -69,11 +70,11 @@ def test_zero_init_zeroes_every_weight():
 
 
 def test_bad_options_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown model 'resnet50'"):
+    with pytest.raises(ConfigError, match="unknown model 'resnet50'"):
         build_model("resnet50")
-    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+    with pytest.raises(ConfigError, match="unknown activation 'swish'"):
         build_model("mlp_512", {"activation": "swish"})
-    with pytest.raises(ValueError, match="unknown init 'orthogonal'"):
+    with pytest.raises(ConfigError, match="unknown init 'orthogonal'"):
         build_model("mlp_512", {"init": "orthogonal"})
 
 
@@ -83,7 +84,7 @@ def test_residual_network_stays_within_its_parameter_budget(preset):
     params = load_params(REPO / "params.yaml")
     if preset:
         params = apply_overrides(params, preset_overrides(preset, REPO / PRESETS_DIR))
-    model = build_model("resnet", architecture_options(params, "resnet"))
+    model = build_model("resnet", Params.from_dict(params).architecture_options("resnet"))
     assert count_parameters(model) <= 3_000_000
     assert any(isinstance(m, ResidualBlock) for m in model.modules())
 

@@ -6,6 +6,7 @@ import pytest
 
 from tests.conftest import REPO
 from training.config import apply_overrides, load_params, preset_overrides
+from training.errors import ConfigError
 
 
 def test_full_preset_prints_dvc_overrides():
@@ -21,9 +22,9 @@ def test_full_preset_prints_dvc_overrides():
 
 def test_unknown_keys_and_presets_are_refused():
     params = load_params(REPO / "params.yaml")
-    with pytest.raises(ValueError, match="'models.resnet.widht' is not in params.yaml"):
+    with pytest.raises(ConfigError, match="'models.resnet.widht' is not in params.yaml"):
         apply_overrides(params, {"models.resnet.widht": [1]})
-    with pytest.raises(ValueError, match=r"no preset 'fast'.*presets: \['full'\]"):
+    with pytest.raises(ConfigError, match=r"no preset 'fast'.*presets: \['full'\]"):
         preset_overrides("fast", REPO / "pipelines/presets")
     changed = apply_overrides(params, {"train.epochs": 99})
     assert changed["train"]["epochs"] == 99 and params["train"]["epochs"] != 99  # a copy

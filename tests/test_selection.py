@@ -1,6 +1,7 @@
 """The champion is chosen on validation data only."""
 import pytest
 
+from training.errors import PipelineError
 from training.selection import choose_champion, comparison_table
 
 
@@ -20,7 +21,7 @@ def test_ties_go_to_fewer_parameters():
 
 
 def test_no_models_is_an_error():
-    with pytest.raises(ValueError, match="no evaluated models"):
+    with pytest.raises(PipelineError, match="no evaluated models"):
         choose_champion([])
 
 

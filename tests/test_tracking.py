@@ -2,6 +2,7 @@
 import pytest
 
 from training import tracking
+from training.errors import PipelineError
 
 
 def test_repo_root_inside_a_dvc_experiment_temp_copy(monkeypatch, tmp_path):
@@ -32,6 +33,6 @@ def test_resuming_a_run_the_store_lacks_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     tracking.setup("fashion-mnist")
-    with pytest.raises(ValueError, match=rf"run 0+, .* not in the tracking store sqlite:///{tmp_path}/mlflow.db"):
+    with pytest.raises(PipelineError, match=rf"run 0+, .* not in the tracking store sqlite:///{tmp_path}/mlflow.db"):
         with tracking.start_run(run_id="0" * 32):
             pass

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from training.augment import augment_batch, random_erase, random_hflip, random_translate
-from training.config import flip_tta, load_params, train_config
+from training.config import OPTIMIZERS, SCHEDULES, Params, TrainConfig, load_params
+from training.errors import ConfigError
 from training.models import build_model
-from training.trainer import OPTIMIZERS, SCHEDULES, TrainConfig, seed_everything, train
+from training.trainer import seed_everything, train
 
 
 def toy_data(n: int, seed: int = 0):
@@ -22,7 +23,9 @@ def toy_data(n: int, seed: int = 0):
 
 
 def config(**overrides) -> TrainConfig:
-    return TrainConfig(**{"epochs": 3, "batch_size": 32, "verbose": 0, "seed": 0, **overrides})
+    """The committed train params with a fast CPU run's overrides."""
+    return TrainConfig.from_dict({**load_params()["train"], "epochs": 3, "batch_size": 32, "verbose": 0, "seed": 0,
+                                  "patience": 0, "device": "cpu", **overrides})
 
 
 def test_overfits_a_tiny_batch():
@@ -87,10 +90,15 @@ def test_every_optimizer_and_schedule_trains(optimizer, schedule):
 
 
 def test_unknown_settings_are_rejected():
-    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
-        TrainConfig.from_dict({"optimizer": "lbfgs"})
-    with pytest.raises(ValueError, match=r"unknown train params \['epoch'\]"):
-        TrainConfig.from_dict({"epoch": 3})
+    committed = load_params()["train"]
+    with pytest.raises(ConfigError, match="unknown optimizer 'lbfgs'"):
+        TrainConfig.from_dict({**committed, "optimizer": "lbfgs"})
+    with pytest.raises(ConfigError, match=r"unknown train params \['epoch'\]"):
+        TrainConfig.from_dict({**committed, "epoch": 3})
+    with pytest.raises(ConfigError, match=r"missing train params \['lr'\]"):
+        TrainConfig.from_dict({k: v for k, v in committed.items() if k != "lr"})
+    with pytest.raises(ConfigError, match="train.epochs is 'ten'; expected int"):
+        TrainConfig.from_dict({**committed, "epochs": "ten"})
 
 
 def test_translation_moves_pixels_without_changing_shape():
@@ -145,13 +153,16 @@ def test_augmentation_keeps_every_image_in_its_place_in_the_batch():
 
 
 def test_mnist_never_flips():
-    params = load_params()
-    params["data"]["dataset"] = "mnist"
-    params["train"]["hflip"] = True
-    params["evaluate"]["tta"] = params["export"]["tta"] = True
-    assert not train_config(params, "resnet").hflip
-    assert not flip_tta(params, "evaluate", "resnet") and not flip_tta(params, "export", "resnet")
-    params["data"]["dataset"] = "fashion-mnist"
-    assert train_config(params, "resnet").hflip and flip_tta(params, "evaluate", "resnet")
-    params["train"]["hflip"] = False  # a model that never saw a mirror image is not averaged over one
-    assert not flip_tta(params, "evaluate", "cnn_basic") and flip_tta(params, "export", "resnet")
+    raw = load_params()
+    raw["data"]["dataset"] = "mnist"
+    raw["train"]["hflip"] = True
+    params = Params.from_dict(raw)
+    assert not params.train_config("resnet").hflip
+    assert not params.flip_tta(True, "resnet")
+    raw["data"]["dataset"] = "fashion-mnist"
+    params = Params.from_dict(raw)
+    assert params.train_config("resnet").hflip and params.flip_tta(True, "resnet")
+    assert not params.flip_tta(False, "resnet")  # not asked for
+    raw["train"]["hflip"] = False  # a model that never saw a mirror image is not averaged over one
+    params = Params.from_dict(raw)
+    assert not params.flip_tta(True, "cnn_basic") and params.flip_tta(True, "resnet")

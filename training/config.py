@@ -1,13 +1,21 @@
-"""params.yaml, read once: the effective settings of each stage and each zoo model."""
+"""params.yaml, read and validated once: one typed settings object per group, and where each stage writes.
+
+params.yaml holds every default; the dataclasses here have none, so a value lives in exactly one place.
+"""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, Union
 
 import yaml
 
 from training.datasets import DatasetSpec, get_spec
-from training.trainer import TrainConfig
+from training.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
 PRESETS_DIR = Path("pipelines/presets")
@@ -29,49 +37,210 @@ REPORT_FIGURES_DIR = REPORTS_DIR / "figures"
 CHAMPION_FILE = Path("champion.json")
 EXPORT_DIR = Path("export")
 
+OPTIMIZERS = ("sgd", "sgd_momentum", "adagrad", "adam", "adamw")
+SCHEDULES = ("none", "cosine", "onecycle")
+
+
+def weights_path(name: str) -> Path:
+    return MODELS_DIR / name / "weights.pt"
+
+
+def summary_path(name: str) -> Path:
+    return MODELS_DIR / name / "train.json"
+
+
+Settings = TypeVar("Settings")
+
+
+def _check_type(value: Any, expected: Any, where: str) -> Any:
+    """`value` as the settings field of type `expected` takes it; a nested group becomes its dataclass."""
+    if dataclasses.is_dataclass(expected):
+        return build(expected, value, where)
+    origin = typing.get_origin(expected)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(expected):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} is {value!r}; expected {expected}")
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            raise ConfigError(f"{where} is {value!r}; expected a {origin.__name__}")
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{where} is {value!r}; expected {expected.__name__}")
+    return value
+
+
+def build(cls: type[Settings], values: Any, where: str) -> Settings:
+    """The settings dataclass `cls` from a params.yaml group: every key known, none missing, types checked."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of settings, not {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown, missing = set(values) - set(names), set(names) - set(values)
+    if unknown:
+        raise ConfigError(f"unknown {where} params {sorted(unknown)}; known: {sorted(names)}")
+    if missing:
+        raise ConfigError(f"params.yaml is missing {where} params {sorted(missing)}")
+    return cls(**{name: _check_type(values[name], hints[name], f"{where}.{name}") for name in names})
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    train: str
+    test: str
+
+
+@dataclass(frozen=True)
+class SubsetSizes:
+    train: int  # stratified subsets for quick runs; 0 keeps every image
+    test: int
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    dataset: str
+    mirror: str
+    val_size: int | float  # a count of images, or a fraction when below 1
+    seed: int
+    subset: SubsetSizes
+    csv: SplitFiles
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return get_spec(self.dataset)
+
+
+@dataclass
+class TrainConfig:
+    """One model's training settings: the `train` group with the model's own overrides applied."""
+
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: str
+    label_smoothing: float
+    patience: int  # epochs without validation improvement before stopping; 0 = never stop early
+    min_delta: float
+    translate: int  # random translation, in pixels
+    hflip: bool  # only honoured where the dataset allows it
+    erase: float  # fraction of images with one random rectangle blacked out
+    amp: bool  # bf16 autocast where the device computes bf16 natively (CUDA, AVX512/AMX CPUs)
+    channels_last: bool
+    compile: bool  # torch.compile the training step (minutes of compiling; pays off on GPUs)
+    device: str
+    seed: int
+    verbose: str | int  # 0 silent, 1 progress bar, 2 one line per epoch; auto: bar on a terminal
+    eval_batch_size: int
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "train") -> TrainConfig:
+        config = build(cls, values, where)
+        if config.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {config.optimizer!r}; choose one of {list(OPTIMIZERS)}")
+        if config.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {config.schedule!r}; choose one of {list(SCHEDULES)}")
+        return config
+
+
+@dataclass(frozen=True)
+class DistributedSettings:
+    launcher: str
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    batch_size: int
+    tta: bool  # average over each image and its mirror (models trained with hflip only)
+    misclassified: int
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    experiment: str
+    registered_model: str
+    alias: str
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    tta: bool
+    parity_atol: float
+    bentoml_model: str
+
+
+@dataclass(frozen=True)
+class Params:
+    """Every params.yaml group, validated; each zoo model's effective settings on demand."""
+
+    data: DataSettings
+    zoo: list[str]
+    train: dict[str, Any]  # shared by every model; see train_config
+    models: dict[str, Any]
+    distributed: DistributedSettings
+    evaluate: EvaluateSettings
+    mlflow: MlflowSettings
+    export: ExportSettings
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Params:
+        params = build(cls, values, "params.yaml")
+        get_spec(params.data.dataset)  # an unknown dataset fails here, once
+        for name in params.zoo:
+            params.train_config(name)
+        return params
+
+    @classmethod
+    def load(cls, path: Path = PARAMS_FILE) -> Params:
+        return cls.from_dict(load_params(path))
+
+    def model_entry(self, name: str) -> dict:
+        """The model's own entry: architecture options plus optional `train` overrides."""
+        if name not in self.models:
+            raise ConfigError(f"params.yaml has no entry models.{name}")
+        return copy.deepcopy(self.models[name] or {})
+
+    def train_config(self, name: str) -> TrainConfig:
+        """Shared `train` params, then the model's overrides; hflip only where the dataset allows it."""
+        values = {**self.train, **self.model_entry(name).get("train", {})}
+        config = TrainConfig.from_dict(values, where=f"train (models.{name})")
+        config.hflip = config.hflip and self.data.spec.hflip_ok
+        return config
+
+    def architecture_options(self, name: str) -> dict:
+        options = self.model_entry(name)
+        options.pop("train", None)
+        return options
+
+    def flip_tta(self, asked: bool, name: str) -> bool:
+        """Whether to average model `name` over each image and its mirror image: `asked` (evaluate.tta or
+        export.tta), and the model learned from mirrored images (hflip, which the dataset must allow)."""
+        return asked and self.train_config(name).hflip
+
+    @property
+    def experiment_name(self) -> str:
+        return self.mlflow.experiment.format(dataset=self.data.dataset)
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.mlflow.registered_model.format(dataset=self.data.dataset)
+
+    @property
+    def bentoml_model_name(self) -> str:
+        return self.export.bentoml_model.format(dataset=self.data.dataset)
+
 
 def load_params(path: Path = PARAMS_FILE) -> dict:
+    """params.yaml as plain data (what presets and `dvc exp run -S` edit)."""
     with open(path) as f:
         return yaml.safe_load(f)
-
-
-def dataset_spec(params: dict) -> DatasetSpec:
-    return get_spec(params["data"]["dataset"])
-
-
-def model_params(params: dict, name: str) -> dict:
-    """The model's own entry: architecture options plus optional `train` overrides."""
-    if name not in params.get("models", {}):
-        raise ValueError(f"params.yaml has no entry models.{name}")
-    return copy.deepcopy(params["models"][name] or {})
-
-
-def train_config(params: dict, name: str) -> TrainConfig:
-    """Shared `train` params, then the model's overrides; hflip only where the dataset allows it."""
-    values = {**params["train"], **model_params(params, name).get("train", {})}
-    config = TrainConfig.from_dict(values)
-    config.hflip = config.hflip and dataset_spec(params).hflip_ok
-    return config
-
-
-def architecture_options(params: dict, name: str) -> dict:
-    options = model_params(params, name)
-    options.pop("train", None)
-    return options
-
-
-def flip_tta(params: dict, group: str, name: str) -> bool:
-    """Whether `group` (evaluate or export) averages model `name` over each image and its mirror image:
-    asked for, and the model learned from mirrored images (hflip, which the dataset must allow)."""
-    return bool(params[group].get("tta", False)) and train_config(params, name).hflip
-
-
-def experiment_name(params: dict) -> str:
-    return params["mlflow"]["experiment"].format(dataset=params["data"]["dataset"])
-
-
-def registered_model_name(params: dict) -> str:
-    return params["mlflow"]["registered_model"].format(dataset=params["data"]["dataset"])
 
 
 def preset_overrides(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, object]:
@@ -79,7 +248,7 @@ def preset_overrides(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, ob
     path = presets_dir / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in presets_dir.glob("*.yaml"))
-        raise ValueError(f"no preset {name!r} ({path}); presets: {known}")
+        raise ConfigError(f"no preset {name!r} ({path}); presets: {known}")
     with open(path) as f:
         return yaml.safe_load(f) or {}
 
@@ -93,6 +262,6 @@ def apply_overrides(params: dict, overrides: dict[str, object]) -> dict:
         for key in parents:
             node = node.get(key) if isinstance(node, dict) else None
         if not isinstance(node, dict) or leaf not in node:
-            raise ValueError(f"preset key {dotted!r} is not in params.yaml")
+            raise ConfigError(f"preset key {dotted!r} is not in params.yaml")
         node[leaf] = value
     return params

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
+from training import datasets
+from training.config import DataSettings
 from training.datasets import IMAGE_SHAPE, NUM_PIXELS
+from training.errors import ConfigError, PipelineError
 
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 SPLITS = ("train", "val", "test")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(PipelineError):
     """A source file is corrupt, truncated or not in the expected layout; the message names it."""
 
 
@@ -98,7 +101,7 @@ def stratified_split(labels: np.ndarray, size: int | float, seed: int) -> tuple[
     n = len(labels)
     count = round(size * n) if isinstance(size, float) and size < 1 else int(size)
     if not 0 <= count <= n:
-        raise ValueError(f"cannot take {size} of {n} images")
+        raise ConfigError(f"cannot take {size} of {n} images")
     rng = np.random.default_rng(seed)
     classes, class_counts = np.unique(labels, return_counts=True)
     # largest-remainder allocation so the per-class counts add up to exactly `count`
@@ -144,3 +147,61 @@ class Prepared:
 
 def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(labels, minlength=num_classes).tolist()
+
+
+@dataclass
+class PreparedDataset:
+    """What the prepare stage writes: the split arrays and the dataset card every later stage reads."""
+
+    prepared: Prepared
+    card: dict
+
+
+def load_sources(settings: DataSettings, raw_dir: Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """(images, labels) of the training pool and of the test set: the user's CSVs if set, else the idx files."""
+    num_classes = len(settings.spec.class_names)
+    if settings.csv.train:
+        return load_csv(Path(settings.csv.train), num_classes), load_csv(Path(settings.csv.test), num_classes)
+    return (
+        load_idx_pair(raw_dir / datasets.TRAIN_IMAGES, raw_dir / datasets.TRAIN_LABELS, num_classes),
+        load_idx_pair(raw_dir / datasets.TEST_IMAGES, raw_dir / datasets.TEST_LABELS, num_classes),
+    )
+
+
+def subset(images: np.ndarray, labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified subset for quick runs; 0 keeps everything."""
+    if not size or size >= len(labels):
+        return images, labels
+    _, keep = stratified_split(labels, size, seed)
+    return images[keep], labels[keep]
+
+
+def prepare_dataset(settings: DataSettings, raw_dir: Path) -> PreparedDataset:
+    """Parse the sources, take the subsets, split train/validation (stratified) and describe the result."""
+    spec = settings.spec
+    num_classes = len(spec.class_names)
+    (x_pool, y_pool), (x_test, y_test) = load_sources(settings, raw_dir)
+    x_pool, y_pool = subset(x_pool, y_pool, settings.subset.train, settings.seed)
+    x_test, y_test = subset(x_test, y_test, settings.subset.test, settings.seed)
+    train_idx, val_idx = stratified_split(y_pool, settings.val_size, settings.seed)
+    prepared = Prepared({
+        "x_train": x_pool[train_idx], "y_train": y_pool[train_idx],
+        "x_val": x_pool[val_idx], "y_val": y_pool[val_idx],
+        "x_test": x_test, "y_test": y_test,
+    })
+    train_pixels = prepared.images("train").astype(np.float32) / 255.0
+    card = {
+        "dataset": spec.name,
+        "source": "csv" if settings.csv.train else "idx",
+        "class_names": list(spec.class_names),
+        "image_shape": list(IMAGE_SHAPE),
+        "sha256": prepared.digest(),
+        "pixel_mean": float(train_pixels.mean()),
+        "pixel_std": float(train_pixels.std()),
+        "images": {split: int(len(prepared.labels(split))) for split in SPLITS},
+        "per_class": {
+            split: dict(zip(spec.class_names, class_counts(prepared.labels(split), num_classes)))
+            for split in SPLITS
+        },
+    }
+    return PreparedDataset(prepared, card)

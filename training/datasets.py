@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from training.errors import ConfigError
+
 IMAGE_SHAPE = (1, 28, 28)  # channels, height, width: what every model and the service take
 NUM_PIXELS = IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
 
@@ -67,4 +69,4 @@ def get_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None

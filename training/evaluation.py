@@ -1,9 +1,14 @@
 """Predictions and metrics: accuracy, loss, confusion matrix, per-class report."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from training.data import Prepared
+from training.models import FlipAveraged
 
 
 @torch.no_grad()
@@ -58,3 +63,44 @@ def classification_report(confusion: np.ndarray, class_names: list[str]) -> dict
     report["accuracy"] = float(tp.sum() / total) if total else 0.0
     return {k: ({m: float(v) if m != "support" else v for m, v in d.items()} if isinstance(d, dict) else d)
             for k, d in report.items()}
+
+
+@dataclass
+class Evaluation:
+    """A model's scores on the validation and test sets, and its test predictions in detail."""
+
+    scores: dict[str, float]  # {val,test}_{loss,accuracy} and test_accuracy_single_view
+    actual: np.ndarray  # test labels
+    predicted: np.ndarray
+    confidence: np.ndarray  # probability of the predicted class
+    confusion: np.ndarray
+    report: dict
+
+
+def evaluate_model(net: torch.nn.Module, prepared: Prepared, class_names: list[str], flip_tta: bool,
+                   batch_size: int) -> Evaluation:
+    """Score `net` on both held-out splits; with `flip_tta` its logits are averaged over each image and its
+    mirror image, exactly as the exported FlipAveraged graph computes them, from the same two passes."""
+
+    def logits_of(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(prepared.images(split))
+        single_view = predict_logits(net, images, batch_size)
+        if not flip_tta:
+            return single_view, single_view
+        return single_view, FlipAveraged.combine(single_view, predict_logits(net, images.flip(-1), batch_size))
+
+    def labels_of(split: str) -> torch.Tensor:
+        return torch.from_numpy(prepared.labels(split)).long()
+
+    _, val_logits = logits_of("val")
+    test_single_view, test_logits = logits_of("test")
+    test_labels = labels_of("test")
+    scores: dict[str, float] = {}
+    scores["val_loss"], scores["val_accuracy"] = loss_and_accuracy(val_logits, labels_of("val"))
+    scores["test_loss"], scores["test_accuracy"] = loss_and_accuracy(test_logits, test_labels)
+    scores["test_accuracy_single_view"] = loss_and_accuracy(test_single_view, test_labels)[1]  # what TTA buys
+    confidence, predicted = test_logits.softmax(1).max(1)
+    actual = test_labels.numpy()
+    confusion = confusion_matrix(actual, predicted.numpy(), len(class_names))
+    return Evaluation(scores, actual, predicted.numpy(), confidence.numpy(), confusion,
+                      classification_report(confusion, class_names))

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import torch
 
 from training.datasets import IMAGE_SHAPE
+from training.errors import PipelineError
 from training.progress import progress as progress_of
 
 INPUT_NAME = "images"
@@ -17,7 +18,7 @@ OUTPUT_NAMES = ("logits", "probabilities")
 PARITY_ATOL = 1e-4
 
 
-class ParityError(ValueError):
+class ParityError(PipelineError):
     """The exported graph does not compute what the PyTorch model computes."""
 
 
@@ -81,3 +82,21 @@ def check_parity(net: torch.nn.Module, path: Path, images: np.ndarray, batch_siz
     if disagreements or max_diff > atol:
         raise ParityError(f"ONNX and PyTorch disagree: {result} (tolerance {atol})")
     return result
+
+
+def onnx_metadata(champion: dict, card: dict, upload_fit: int, flip_tta: bool, git_commit: str) -> dict[str, object]:
+    """What the exported file says about itself: the service's model card and preprocessing come from here."""
+    return {
+        "model_name": champion["model"],
+        "dataset": card["dataset"],
+        "class_names": card["class_names"],
+        "upload_fit": upload_fit,
+        "mlflow_run_id": champion["run_id"],
+        "registered_model": champion["registered_model"],
+        "registered_version": champion["version"],
+        "git_commit": git_commit,
+        "val_accuracy": champion["val_accuracy"],
+        "test_accuracy": champion["test_accuracy"],
+        "parameters": champion["parameters"],
+        "test_time_augmentation": "flip" if flip_tta else "none",
+    }

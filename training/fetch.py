@@ -15,7 +15,9 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from serving.files import sha256_file
 from training.datasets import DatasetSpec
+from training.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ CHUNK = 1 << 20
 MIRROR_ENV = "DATASET_MIRROR"
 
 
-class FetchError(RuntimeError):
+class FetchError(PipelineError):
     """Every source failed for a file; the message lists each source and why."""
 
 
@@ -33,14 +35,6 @@ class ChecksumError(RuntimeError):
 
 class _PermanentError(RuntimeError):
     """A failure that retrying the same source cannot fix (404, missing file, bad checksum)."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_sources(spec: DatasetSpec, mirror: str | None) -> list[str]:
@@ -119,7 +113,7 @@ def fetch_file(
     """Fetch one file unless a verified copy is already there; raise FetchError naming every source."""
     dest = dest_dir / name
     if dest.is_file():
-        if sha256_of(dest) == expected:
+        if sha256_file(dest) == expected:
             log.info("%s: already present and verified", name)
             return dest
         log.warning("%s: present but its checksum is wrong; downloading it again", name)

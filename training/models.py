@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from training.datasets import IMAGE_SHAPE, NUM_PIXELS
+from training.errors import ConfigError
 
 NUM_CLASSES = 10
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -38,7 +39,7 @@ def _act(name: str) -> nn.Module:
     try:
         return ACTIVATIONS[name]()
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+        raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
 def _conv_bn_act(c_in: int, c_out: int, activation: str, batch_norm: bool) -> list[nn.Module]:
@@ -175,7 +176,7 @@ class FlipAveraged(nn.Module):
 def init_weights(model: nn.Module, scheme: str) -> None:
     """He (default), Xavier or zeros; zeros makes every unit identical, so the net cannot learn."""
     if scheme not in INITS:
-        raise ValueError(f"unknown init {scheme!r}; choose one of {list(INITS)}")
+        raise ConfigError(f"unknown init {scheme!r}; choose one of {list(INITS)}")
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             if scheme == "he":
@@ -191,7 +192,7 @@ def init_weights(model: nn.Module, scheme: str) -> None:
 def build_model(name: str, options: dict | None = None, mean: float = 0.0, std: float = 1.0) -> nn.Sequential:
     """A zoo model with its options (activation, init, dropout, batch_norm) applied."""
     if name not in ZOO:
-        raise ValueError(f"unknown model {name!r}; the zoo has {sorted(ZOO)}")
+        raise ConfigError(f"unknown model {name!r}; the zoo has {sorted(ZOO)}")
     builder, shape = ZOO[name]
     options = dict(options or {})
     init = options.pop("init", "he")

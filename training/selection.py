@@ -1,11 +1,13 @@
 """Choosing the champion: by validation accuracy only, never by test accuracy."""
 from __future__ import annotations
 
+from training.errors import PipelineError
+
 
 def choose_champion(rows: list[dict]) -> dict:
     """Best validation accuracy; ties go to the model with fewer parameters, then to the name."""
     if not rows:
-        raise ValueError("no evaluated models to choose from")
+        raise PipelineError("no evaluated models to choose from")
     return min(rows, key=lambda r: (-r["val_accuracy"], r["parameters"], r["model"]))
 
 
@@ -22,3 +24,18 @@ def comparison_table(rows: list[dict], champion: str) -> str:
             f"| {r['train_seconds']:.1f} | {r['images_per_second']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def champion_record(champion: dict, dataset: str, registered_model: str, version: int, alias: str) -> dict:
+    """What champion.json says: the chosen model, its scores, and where the registry holds it."""
+    return {
+        "model": champion["model"],
+        "dataset": dataset,
+        "run_id": champion["run_id"],
+        "val_accuracy": champion["val_accuracy"],
+        "test_accuracy": champion["test_accuracy"],
+        "parameters": champion["parameters"],
+        "registered_model": registered_model,
+        "version": version,
+        "alias": alias,
+    }

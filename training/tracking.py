@@ -9,6 +9,8 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from training.errors import PipelineError
+
 # `dvc exp run --temp/--queue` runs each experiment in a copy of the repo under this folder
 DVC_EXPERIMENT_TEMP = "/.dvc/tmp/exps/"
 
@@ -82,7 +84,7 @@ def start_run(**kwargs):
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            raise ValueError(f"MLflow run {kwargs['run_id']}, logged when the model was trained, is not in the "
+            raise PipelineError(f"MLflow run {kwargs['run_id']}, logged when the model was trained, is not in the "
                              f"tracking store {mlflow.get_tracking_uri()}: point MLFLOW_TRACKING_URI at the store "
                              "it was logged to, or retrain the model (`dvc repro --force train@<model>`)") from None
     run = mlflow.start_run(**kwargs)
@@ -95,3 +97,35 @@ def start_run(**kwargs):
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def log_evaluation(run_id: str, scores: dict[str, float], report: dict, class_names: list[str],
+                   artifacts: Path) -> None:
+    """An evaluated model's test metrics and evaluation artifacts, in the run that trained it (validation
+    metrics are there already, per epoch)."""
+    with start_run(run_id=run_id):
+        mlflow.log_metrics({k: v for k, v in scores.items() if k.startswith("test_")})
+        mlflow.log_metrics({f"test_f1.{cls}": report[cls]["f1"] for cls in class_names})
+        mlflow.log_artifacts(str(artifacts), artifact_path="evaluation")
+
+
+def register_champion(champion: dict, registered_model: str, alias: str, report_file: Path,
+                      figures_dir: Path) -> int:
+    """The champion's model as a new version of `registered_model` under `alias`, its run tagged, and the
+    pipeline report beside its own evaluation (the report's links keep working there); the version."""
+    version = mlflow.register_model(champion["model_uri"], registered_model, tags={
+        "val_accuracy": f"{champion['val_accuracy']:.4f}", "test_accuracy": f"{champion['test_accuracy']:.4f}",
+    })
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(registered_model, alias, version.version)
+    client.set_tag(champion["run_id"], "champion", "true")
+    client.log_artifact(champion["run_id"], str(report_file), "pipeline_report")
+    client.log_artifacts(champion["run_id"], str(figures_dir), f"pipeline_report/{figures_dir.name}")
+    return int(version.version)
+
+
+def log_export(run_id: str, onnx_file: Path, parity: dict[str, float]) -> None:
+    """The exported ONNX file and its parity check, in the champion's run."""
+    with start_run(run_id=run_id):
+        mlflow.log_artifact(str(onnx_file), artifact_path="onnx")
+        mlflow.log_metrics({f"onnx_parity.{k}": float(v) for k, v in parity.items()})

@@ -7,7 +7,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -17,51 +17,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training.augment import augment_batch
+from training.config import TrainConfig
+from training.errors import ConfigError
 from training.distributed import SINGLE_PROCESS, Distributed
 from training.evaluation import loss_and_accuracy, predict_logits
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS = ("sgd", "sgd_momentum", "adagrad", "adam", "adamw")
-SCHEDULES = ("none", "cosine", "onecycle")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 128
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "none"
-    label_smoothing: float = 0.0
-    patience: int = 0  # epochs without validation improvement before stopping; 0 = never stop early
-    min_delta: float = 0.0
-    translate: int = 0  # random translation, in pixels
-    hflip: bool = False  # only honoured where the dataset allows it
-    erase: float = 0.0  # fraction of images with one random rectangle blacked out
-    amp: bool = True  # bf16 autocast where the device computes bf16 natively (CUDA, AVX512/AMX CPUs)
-    compile: bool = False  # torch.compile the training step (minutes of compiling; pays off on GPUs)
-    channels_last: bool = True
-    device: str = "auto"
-    seed: int = 42
-    verbose: str | int = "auto"  # 0 silent, 1 progress bar, 2 one line per epoch; auto: bar on a terminal
-    eval_batch_size: int = 1024
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown train params {sorted(unknown)}; known: {sorted(known)}")
-        config = cls(**values)
-        if config.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {list(OPTIMIZERS)}")
-        if config.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {list(SCHEDULES)}")
-        return config
-
 
 @dataclass
 class TrainResult:
@@ -83,7 +44,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("train.device asks for CUDA but no CUDA device is available")
+        raise ConfigError("train.device asks for CUDA but no CUDA device is available")
     return torch.device(name)
 
 

@@ -1,0 +1,80 @@
+"""One zoo model trained as one MLflow run: params, per-epoch curves, summary metrics and the model logged."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+import torch
+
+from training import tracking
+from training.config import Params
+from training.data import Prepared
+from training.distributed import Distributed
+from training.models import build_model, count_parameters
+from training.trainer import seed_everything, train
+
+
+@dataclass
+class TrainedModel:
+    """A trained model (best epoch's weights, on the CPU), its per-epoch history and its run summary."""
+
+    model: torch.nn.Module
+    history: list[dict]
+    summary: dict
+
+
+def train_zoo_model(params: Params, name: str, prepared: Prepared, card: dict,
+                    distributed: Distributed) -> TrainedModel | None:
+    """Train zoo model `name` on the prepared data; the main rank logs it to MLflow and gets the result,
+    any other torchrun rank trains its shard and gets None."""
+    config = params.train_config(name)
+    options = params.architecture_options(name)
+    seed_everything(config.seed)
+    model = build_model(name, options, card["pixel_mean"], card["pixel_std"])
+    x_train, y_train, x_val, y_val = (torch.from_numpy(prepared.arrays[k])
+                                      for k in ("x_train", "y_train", "x_val", "y_val"))
+    if not distributed.is_main:
+        train(model, x_train, y_train, x_val, y_val, config, desc=name, distributed=distributed)
+        return None
+    n_params = count_parameters(model)
+    tracking.setup(params.experiment_name)
+    with tracking.start_run(run_name=name, tags=tracking.run_tags(card["sha256"])) as active:
+        mlflow.log_params(tracking.flatten({
+            "model": {"name": name, **options}, "train": dataclasses.asdict(config),
+            "data": dataclasses.asdict(params.data),
+        }))
+        mlflow.log_params({"model.parameters": n_params, "distributed.world_size": distributed.world_size})
+        result = train(
+            model, x_train, y_train, x_val, y_val, config,
+            on_epoch_end=lambda record: mlflow.log_metrics(
+                {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"]),
+            desc=name, distributed=distributed,
+        )
+        trained = result.model.cpu().to(memory_format=torch.contiguous_format).eval()
+        best = result.history[result.best_epoch - 1]
+        summary = {
+            "model": name,
+            "run_id": active.info.run_id,
+            "parameters": n_params,
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "stopped_early": result.stopped_early,
+            "best_val_accuracy": best["val_accuracy"],
+            "train_seconds": round(result.train_seconds, 2),
+            "images_per_second": round(result.images_per_second, 1),
+        }
+        summary["model_uri"] = log_trained_model(trained, summary, prepared.images("val")[:2])
+    return TrainedModel(trained, result.history, summary)
+
+
+def log_trained_model(model: torch.nn.Module, summary: dict, example: np.ndarray) -> str:
+    """The summary metrics and the model (PyTorch 2 program, with an input example) in the active run."""
+    mlflow.log_metrics({k: float(summary[k]) for k in
+                        ("best_val_accuracy", "best_epoch", "train_seconds", "images_per_second")})
+    info = mlflow.pytorch.log_model(
+        model, name="model", input_example=example, serialization_format="pt2",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+    )
+    return info.model_uri
