@@ -29,7 +29,7 @@ import psutil
 
 from benchmarks.loadgen import png_file
 from serving.inputs import parse_batch
-from serving.local_server import REPO, ChildServer, LocalServer
+from benchmarks.local_server import REPO, ChildServer, LocalServer
 from serving.preprocess import image_to_input
 from serving.runtime import OnnxClassifier
 from training.progress import progress

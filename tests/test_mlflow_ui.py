@@ -6,7 +6,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from selenium.webdriver.common.by import By
 
-from serving.local_server import ChildServer
+from benchmarks.local_server import ChildServer
 from tests.browser import chromium, screenshot, wait_for
 from tests.pipeline_fixtures import VENV_BIN, ZOO
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from serving.local_server import LocalServer
+from benchmarks.local_server import LocalServer
 from tests.serving_fixtures import MODEL_NAME, metric_samples, png, serving
 
 pytestmark = pytest.mark.slow

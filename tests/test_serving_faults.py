@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from serving.local_server import REPO, LocalServer
+from benchmarks.local_server import REPO, LocalServer
 from tests.serving_fixtures import png, serve, store_model
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,38 @@
+"""The request and response bodies, as the OpenAPI document describes them."""
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from serving.settings import MAX_BATCH_IMAGES
+
+EXAMPLE_IMAGE = [[0] * 28 for _ in range(28)]
+
+
+class ClassProbability(BaseModel):
+    class_name: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    label: int = Field(description="index of the predicted class")
+    class_name: str
+    confidence: float = Field(description="probability of the predicted class")
+    top_k: list[ClassProbability]
+
+
+class Details(Prediction):
+    probabilities: list[ClassProbability] = Field(description="every class, in class order")
+    model_input: list[list[int]] = Field(description="the grey image the model took, rows of pixels 0-255")
+
+
+class Error(BaseModel):
+    error: str = Field(description="what is wrong with the request")
+
+
+class Batch(BaseModel):
+    images: list[list] = Field(description=f"images, each 28x28 (or 784) integers 0-255; at most "
+                                           f"{MAX_BATCH_IMAGES} per request (SERVING_MAX_BATCH_IMAGES)",
+                               examples=[[EXAMPLE_IMAGE]])
+
+
+ERRORS = {status: {"model": Error} for status in (400, 413, 415)}
