@@ -1,0 +1,109 @@
+"""The figures in README.md and docs/, written from the files that hold them: `python -m pipelines.docs`.
+
+Each figure sits between `<!-- begin: NAME -->` and `<!-- end: NAME -->`; this rewrites every such block
+from its source (champion.json, metrics/, benchmarks/results/: files in git), so no number is typed by hand.
+`--check` changes nothing and fails when a block differs from what its source gives (the test suite
+runs it). Not a pipeline stage: run it (`make docs`) after `make run`, `make bench` or `make bench-train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from serving.files import read_json
+from training.config import CHAMPION_FILE, METRICS_DIR
+from training.selection import comparison_table
+
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENTS = ("README.md", "docs/pipeline.md", "docs/serving.md", "docs/results.md", "docs/testing.md")
+BENCHMARK_RESULTS = Path("benchmarks/results")
+BLOCK = re.compile(r"(<!-- begin: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.DOTALL)
+
+
+def _missing(path: Path, command: str) -> str:
+    return f"Not measured in this checkout: `{command}` writes `{path.as_posix()}`, then `make docs`.\n"
+
+
+def champion_summary(root: Path) -> str:
+    champion = read_json(root / CHAMPION_FILE)
+    metrics = read_json(root / METRICS_DIR / f"{champion['model']}.json")
+    single_view = metrics.get("test_accuracy_single_view", metrics["test_accuracy"])
+    return (
+        f"Champion on {champion['dataset']}: **{champion['model']}**, {champion['parameters']:,} parameters, chosen "
+        f"on validation accuracy ({champion['val_accuracy']:.2%}): **{champion['test_accuracy']:.2%}** test "
+        f"accuracy ({single_view:.2%} on single views, without test-time augmentation). Registered as "
+        f"`{champion['registered_model']}` version {champion['version']}, alias `{champion['alias']}`.\n"
+    )
+
+
+def model_comparison(root: Path) -> str:
+    champion = read_json(root / CHAMPION_FILE)["model"]
+    rows = [{"model": path.stem, **read_json(path)} for path in sorted((root / METRICS_DIR).glob("*.json"))]
+    return comparison_table(rows, champion)
+
+
+def training_benchmark(root: Path) -> str:
+    path = BENCHMARK_RESULTS / "training.json"
+    if not (root / path).is_file():
+        return _missing(path, "make bench-train")
+    from benchmarks.training import table  # the benchmark's own table: one way to print its results
+
+    return table(read_json(root / path)) + "\n"
+
+
+def serving_benchmark(root: Path) -> str:
+    path = BENCHMARK_RESULTS / "serving.json"
+    if not (root / path).is_file():
+        return _missing(path, "make bench")
+    from benchmarks.serving import table  # the benchmark's own table: one way to print its results
+
+    return table(read_json(root / path)) + "\n"
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {
+    "champion-summary": champion_summary,
+    "model-comparison": model_comparison,
+    "training-benchmark": training_benchmark,
+    "serving-benchmark": serving_benchmark,
+}
+
+
+def render(text: str, root: Path) -> str:
+    """`text` with every generated block rewritten from its source; an unknown block name is an error."""
+
+    def fill(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise KeyError(f"no generator for the block {name!r}; known: {sorted(RENDERERS)}")
+        return f"{match.group(1)}{RENDERERS[name](root)}{match.group(4)}"
+
+    return BLOCK.sub(fill, text)
+
+
+def stale_documents(root: Path = REPO) -> list[str]:
+    """The documents whose generated blocks differ from their sources."""
+    return [doc for doc in DOCUMENTS if render((root / doc).read_text(), root) != (root / doc).read_text()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; fail if a document is stale")
+    args = parser.parse_args()
+    if args.check:
+        stale = stale_documents()
+        if stale:
+            sys.exit(f"generated figures differ from their sources in {stale}: run `make docs`")
+        return
+    for doc in DOCUMENTS:
+        path = REPO / doc
+        path.write_text(render(path.read_text(), REPO))
+    print(json.dumps({"written": list(DOCUMENTS)}))
+
+
+if __name__ == "__main__":
+    main()
