@@ -18,7 +18,7 @@ MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: setup browser run run-full test ui serve bench bench-train clean
+.PHONY: setup browser run run-full lint test ui serve bench bench-train docs clean
 
 setup: $(VENV)/.installed
 
@@ -41,8 +41,15 @@ run-full: setup
 browser:
 	tests/install_browser.sh
 
+# Lint and format (ruff), types (mypy), and every imported package declared (deptry): all in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/deptry .
+
 # Screenshots of the browser tests land in test-artifacts/screenshots.
-test: setup browser
+test: lint browser
 	$(BIN)/pytest
 
 ui: setup
@@ -57,6 +64,10 @@ bench: setup
 # Our trainer against a tutorial-style DataLoader loop; needs the prepared data (`make run`).
 bench-train: setup
 	$(BIN)/python -m benchmarks.training
+
+# The figures in README.md and docs/, rewritten from champion.json, metrics/ and benchmarks/results/.
+docs: setup
+	$(BIN)/python -m pipelines.docs
 
 clean:
 	rm -rf $(VENV) $(TOOLS)

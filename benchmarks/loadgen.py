@@ -5,6 +5,7 @@ Kinds of request: `png` (one PNG per request, multipart field `image`, to /predi
 JSON pixel arrays, to /predict_batch) and `bulk` (`--batch` images per JSON request, to /predict_batch).
 Every body is built before the clock starts, so the client spends its CPU on HTTP only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,26 +31,39 @@ def png_file(pixels: np.ndarray) -> bytes:
 
 
 def png_upload(pixels: np.ndarray) -> bytes:
-    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"image.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + png_file(pixels) + f"\r\n--{BOUNDARY}--\r\n".encode()
+    return (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="image.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png_file(pixels)
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
 
 
 def requests_for(kind: str, images: np.ndarray, batch: int) -> tuple[str, dict, list[bytes]]:
     """(path, headers, bodies) for a kind of request."""
     if kind == "png":
-        return ("/predict", {"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
-                [png_upload(image) for image in images[:200]])
+        return (
+            "/predict",
+            {"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
+            [png_upload(image) for image in images[:200]],
+        )
     if kind == "json":
         bodies = [json.dumps({"images": [image.tolist()]}).encode() for image in images[:200]]
     else:
-        bodies = [json.dumps({"images": images[start: start + batch].tolist()}).encode()
-                  for start in range(0, len(images) - batch + 1, batch)]
+        bodies = [
+            json.dumps({"images": images[start : start + batch].tolist()}).encode()
+            for start in range(0, len(images) - batch + 1, batch)
+        ]
     return "/predict_batch", {"content-type": "application/json"}, bodies
 
 
-async def run(url: str, path: str, headers: dict, bodies: list[bytes], concurrency: int, total: int,
-              duration: float) -> dict:
-    latencies, statuses = [], {}
+async def run(
+    url: str, path: str, headers: dict, bodies: list[bytes], concurrency: int, total: int, duration: float
+) -> dict:
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
     deadline = time.perf_counter() + duration
     issued = 0
 
@@ -75,7 +89,10 @@ async def run(url: str, path: str, headers: dict, bodies: list[bytes], concurren
         elapsed = time.perf_counter() - started
     ms = sorted(1000 * x for x in latencies)
     return {
-        "path": path, "concurrency": concurrency, "requests": len(latencies), "seconds": elapsed,
+        "path": path,
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "seconds": elapsed,
         "requests_per_s": len(latencies) / elapsed,
         "errors": {k: v for k, v in statuses.items() if not k.startswith("2")},
         "p50_ms": statistics.median(ms) if ms else None,

@@ -1,4 +1,5 @@
 """`bentoml serve` as a child process on loopback, ready when /readyz says so: for tests and benchmarks."""
+
 from __future__ import annotations
 
 import os
@@ -28,10 +29,14 @@ class ChildServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_path = ready_path
         self.log_path = log_path
-        self.log = open(log_path, "w")
+        self.log = open(log_path, "w")  # noqa: SIM115 -- open while the server runs; close() closes it
+        self.command = [part.format(port=self.port) for part in command]
         self.process = subprocess.Popen(
-            [part.format(port=self.port) for part in command], cwd=REPO, stdout=self.log,
-            stderr=subprocess.STDOUT, env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
+            self.command,
+            cwd=REPO,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
         )
 
     def wait_ready(self, timeout: float = 180) -> ChildServer:
@@ -39,7 +44,7 @@ class ChildServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None or "Application startup failed" in self.log_path.read_text():
                 self.close()
-                raise RuntimeError(f"{self.process.args[0]} failed to start:\n{self.log_path.read_text()[-5000:]}")
+                raise RuntimeError(f"{self.command[0]} failed to start:\n{self.log_path.read_text()[-5000:]}")
             try:
                 if requests.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return self
@@ -63,5 +68,9 @@ class LocalServer(ChildServer):
     """`bentoml serve <target>` on a free loopback port, ready when /readyz says so."""
 
     def __init__(self, target: str, log_path: Path, **env: str):
-        super().__init__([str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1",
-                          "--port", "{port}"], log_path, "/readyz", **env)
+        super().__init__(
+            [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", "{port}"],
+            log_path,
+            "/readyz",
+            **env,
+        )

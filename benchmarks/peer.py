@@ -7,6 +7,7 @@ in the service's format, so every server does the same work per image:
 
     PEER_BACKEND=onnx uvicorn benchmarks.peer:app --workers 2 --port 3001
 """
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,9 @@ from fastapi import FastAPI, File, UploadFile
 from pydantic import BaseModel, Field
 
 from benchmarks.local_server import REPO
+from serving.files import read_json
 from serving.model_store import read_metadata
 from serving.preprocess import image_to_input
-from serving.files import read_json
 
 ONNX_PATH = REPO / "export" / "model.onnx"
 BACKEND = os.environ.get("PEER_BACKEND", "onnx")
@@ -60,9 +61,12 @@ class Batch(BaseModel):
 
 def prediction(probabilities: np.ndarray) -> dict:
     order = np.argsort(-probabilities)
-    return {"label": int(order[0]), "class_name": CLASS_NAMES[order[0]],
-            "confidence": float(probabilities[order[0]]),
-            "top_k": [{"class_name": CLASS_NAMES[i], "probability": float(probabilities[i])} for i in order[:3]]}
+    return {
+        "label": int(order[0]),
+        "class_name": CLASS_NAMES[order[0]],
+        "confidence": float(probabilities[order[0]]),
+        "top_k": [{"class_name": CLASS_NAMES[i], "probability": float(probabilities[i])} for i in order[:3]],
+    }
 
 
 @app.post("/predict")

@@ -10,6 +10,7 @@ Single images (PNG upload and JSON) at 1, 16, 64 and 256 clients, bulk requests 
 our service only, 256 clients for 60 s and the workers' memory over 100,000 requests. Each point is the
 median of several runs. Prints tables and writes JSON (benchmarks/results/serving.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,8 @@ import onnxruntime as ort
 import psutil
 
 from benchmarks.loadgen import png_file
-from serving.inputs import parse_batch
 from benchmarks.local_server import REPO, ChildServer, LocalServer
+from serving.inputs import parse_batch
 from serving.preprocess import image_to_input
 from serving.runtime import OnnxClassifier
 from training.progress import progress
@@ -44,16 +45,46 @@ def start(name: str, folder: Path) -> ChildServer:
     if name == "ours":
         return LocalServer("serving.service:Classifier", log).wait_ready()
     backend = {"peer1_fastapi_onnx": "onnx", "peer2_fastapi_torch": "torch"}[name]
-    command = [str(Path(sys.executable).parent / "uvicorn"), "benchmarks.peer:app", "--host", "127.0.0.1",
-               "--port", "{port}", "--workers", str(WORKERS), "--log-level", "warning"]
+    command = [
+        str(Path(sys.executable).parent / "uvicorn"),
+        "benchmarks.peer:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--workers",
+        str(WORKERS),
+        "--log-level",
+        "warning",
+    ]
     return ChildServer(command, log, "/docs", PEER_BACKEND=backend).wait_ready()
 
 
 def loadgen(url: str, kind: str, images: Path, concurrency: int, count: int, duration: float) -> dict:
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--kind", kind, "--images", str(images),
-         "--concurrency", str(concurrency), "--requests", str(count), "--duration", str(duration)],
-        cwd=REPO, capture_output=True, text=True, check=True, timeout=duration + 300)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.loadgen",
+            "--url",
+            url,
+            "--kind",
+            kind,
+            "--images",
+            str(images),
+            "--concurrency",
+            str(concurrency),
+            "--requests",
+            str(count),
+            "--duration",
+            str(duration),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 300,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -90,26 +121,33 @@ def raw_onnxruntime(images: np.ndarray, repeats: int) -> dict:
 
     return {
         "png_batch_1_images_per_s": per_second(
-            lambda: [model.probabilities(image_to_input(data)[None]) for data in pngs], len(pngs)),
-        "json_batch_256_images_per_s": per_second(
-            lambda: model.probabilities(parse_batch(body, 1024, shape)), 256),
+            lambda: [model.probabilities(image_to_input(data)[None]) for data in pngs], len(pngs)
+        ),
+        "json_batch_256_images_per_s": per_second(lambda: model.probabilities(parse_batch(body, 1024, shape)), 256),
         "session_run_batch_256_images_per_s": per_second(lambda: model.probabilities(images[:256, None]), 256),
     }
 
 
 def table(results: dict) -> str:
     names = list(results["servers"])
-    lines = ["| server | request | clients | requests/s | p50 ms | p99 ms | requests | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| server | request | clients | requests/s | p50 ms | p99 ms | requests | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for kind in ("png", "json"):
         for concurrency in results["concurrency"]:
             for name in names:
                 r = results["servers"][name][kind][str(concurrency)]
-                lines.append(f"| {name} | {kind} | {concurrency} | {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | "
-                             f"{r['p99_ms']:.1f} | {r['requests']} | {r['errors']} |")
+                lines.append(
+                    f"| {name} | {kind} | {concurrency} | {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | "
+                    f"{r['p99_ms']:.1f} | {r['requests']} | {r['errors']} |"
+                )
     if "ratios" in results:
-        lines += ["", "| ratio ours / peer 1, requests/s | " + " | ".join(f"{c} clients" for c in results["concurrency"])
-                  + " |", "|---|" + "---:|" * len(results["concurrency"])]
+        lines += [
+            "",
+            "| ratio ours / peer 1, requests/s | " + " | ".join(f"{c} clients" for c in results["concurrency"]) + " |",
+            "|---|" + "---:|" * len(results["concurrency"]),
+        ]
         for kind in ("png", "json"):
             ratios = results["ratios"][kind]
             lines.append(f"| {kind} | " + " | ".join(f"{ratios[str(c)]:.2f}" for c in results["concurrency"]) + " |")
@@ -125,13 +163,17 @@ def table(results: dict) -> str:
         lines.append(f"\nbulk, ours / raw onnxruntime with JSON decoding: {results['bulk_vs_raw']:.2f}")
     if "soak" in results:
         s = results["soak"]
-        lines.append(f"soak, ours, {s['concurrency']} clients for {s['seconds']:.0f} s: {s['requests']} requests, "
-                     f"{s['requests_per_s']:.0f}/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, errors "
-                     f"{s['errors'] or 'none'}")
+        lines.append(
+            f"soak, ours, {s['concurrency']} clients for {s['seconds']:.0f} s: {s['requests']} requests, "
+            f"{s['requests_per_s']:.0f}/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, errors "
+            f"{s['errors'] or 'none'}"
+        )
     if "memory" in results:
         m = results["memory"]
-        lines.append(f"memory, ours: RSS {m['rss_before_mb']:.0f} MB -> {m['rss_after_mb']:.0f} MB over "
-                     f"{m['requests']} requests ({100 * m['growth']:+.1f}%), errors {m['errors'] or 'none'}")
+        lines.append(
+            f"memory, ours: RSS {m['rss_before_mb']:.0f} MB -> {m['rss_after_mb']:.0f} MB over "
+            f"{m['requests']} requests ({100 * m['growth']:+.1f}%), errors {m['errors'] or 'none'}"
+        )
     return "\n".join(lines)
 
 
@@ -151,9 +193,17 @@ def main() -> None:
     with np.load(DATASET) as data:
         images = np.ascontiguousarray(data["x_test"][:2048, 0])
 
-    results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "workers": WORKERS,
-                                 "onnxruntime": ort.__version__},
-                     "concurrency": args.concurrency, "repeats": args.repeats, "servers": {}}
+    results: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "workers": WORKERS,
+            "onnxruntime": ort.__version__,
+        },
+        "concurrency": args.concurrency,
+        "repeats": args.repeats,
+        "servers": {},
+    }
     plan = [(kind, c) for kind in ("png", "json") for c in args.concurrency]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -165,11 +215,14 @@ def main() -> None:
                 loadgen(server.url, "png", payloads, 16, 500, 5)  # warm-up, not reported
                 measured: dict = {"png": {}, "json": {}}
                 for kind, concurrency in progress(plan, desc=name, unit="load"):
-                    runs = [loadgen(server.url, kind, payloads, concurrency, args.requests, args.duration)
-                            for _ in range(args.repeats)]
+                    runs = [
+                        loadgen(server.url, kind, payloads, concurrency, args.requests, args.duration)
+                        for _ in range(args.repeats)
+                    ]
                     measured[kind][str(concurrency)] = median_of(runs)
-                bulk = median_of([loadgen(server.url, "bulk", payloads, 1, 40, args.duration)
-                                  for _ in range(args.repeats)])
+                bulk = median_of(
+                    [loadgen(server.url, "bulk", payloads, 1, 40, args.duration) for _ in range(args.repeats)]
+                )
                 bulk["images_per_s"] = bulk["requests_per_s"] * 256
                 measured["bulk"] = bulk
                 results["servers"][name] = measured
@@ -180,24 +233,32 @@ def main() -> None:
                 if name == "ours" and args.memory_requests:
                     print(f"memory: {args.memory_requests} requests from 64 clients", file=sys.stderr)
                     before = server_rss(server)
-                    runs = [loadgen(server.url, kind, payloads, 64, args.memory_requests // 2, 3600)
-                            for kind in ("png", "json")]
+                    runs = [
+                        loadgen(server.url, kind, payloads, 64, args.memory_requests // 2, 3600)
+                        for kind in ("png", "json")
+                    ]
                     after = server_rss(server)
-                    results["memory"] = {"rss_before_mb": before / 2**20, "rss_after_mb": after / 2**20,
-                                         "growth": after / before - 1,
-                                         "requests": sum(r["requests"] for r in runs),
-                                         "errors": sum(sum(r["errors"].values()) for r in runs)}
+                    results["memory"] = {
+                        "rss_before_mb": before / 2**20,
+                        "rss_after_mb": after / 2**20,
+                        "growth": after / before - 1,
+                        "requests": sum(r["requests"] for r in runs),
+                        "errors": sum(sum(r["errors"].values()) for r in runs),
+                    }
             finally:
                 server.close()
     results["raw_onnxruntime"] = raw_onnxruntime(images, repeats=5)
     if "ours" in results["servers"]:
         ours = results["servers"]["ours"]
-        results["bulk_vs_raw"] = ours["bulk"]["images_per_s"] / results["raw_onnxruntime"][
-            "json_batch_256_images_per_s"]
+        results["bulk_vs_raw"] = (
+            ours["bulk"]["images_per_s"] / results["raw_onnxruntime"]["json_batch_256_images_per_s"]
+        )
         if "peer1_fastapi_onnx" in results["servers"]:
             peer = results["servers"]["peer1_fastapi_onnx"]
-            results["ratios"] = {kind: {c: ours[kind][c]["requests_per_s"] / peer[kind][c]["requests_per_s"]
-                                        for c in ours[kind]} for kind in ("png", "json")}
+            results["ratios"] = {
+                kind: {c: ours[kind][c]["requests_per_s"] / peer[kind][c]["requests_per_s"] for c in ours[kind]}
+                for kind in ("png", "json")
+            }
     text = table(results)
     print(f"serving benchmark: {os.cpu_count()} CPUs, {WORKERS} workers per server, medians of {args.repeats} runs")
     print(text)

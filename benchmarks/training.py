@@ -10,6 +10,7 @@ the table gives the medians and the ratio. Then our trainer runs the committed s
 checking test accuracy after each epoch, for the time to reach the target accuracy (93%).
 Prints tables and writes JSON (benchmarks/results/training.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from serving.files import read_json
 from training.config import CARD_FILE, DATASET_FILE, Params, TrainConfig
-from training.progress import progress
 from training.data import Prepared
 from training.evaluation import predict_logits
 from training.models import build_model
+from training.progress import progress
 from training.trainer import make_optimizer, make_scheduler, resolve_device, seed_everything, train
 
 RESULTS = Path("benchmarks/results/training.json")
@@ -51,7 +52,7 @@ class TutorialDataset(Dataset):
         pad = self.config.translate
         if pad:
             dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
-            image = F.pad(image, (pad,) * 4)[:, dy: dy + 28, dx: dx + 28]
+            image = F.pad(image, (pad,) * 4)[:, dy : dy + 28, dx : dx + 28]
         if self.config.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         if torch.rand(()) < self.config.erase:
@@ -61,15 +62,17 @@ class TutorialDataset(Dataset):
             w = int(min(28, max(1, round((area / ratio) ** 0.5))))
             top, left = int(torch.randint(0, 29 - h, ())), int(torch.randint(0, 29 - w, ()))
             image = image.clone()
-            image[:, top: top + h, left: left + w] = 0
+            image[:, top : top + h, left : left + w] = 0
         return image, int(self.labels[index])
 
 
-def tutorial_epoch(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, device: torch.device,
-                   workers: int) -> float:
+def tutorial_epoch(
+    model: torch.nn.Module, dataset: TutorialDataset, config: TrainConfig, device: torch.device, workers: int
+) -> float:
     """One epoch the tutorial way; returns images per second."""
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda"
+    )
     optimizer = make_optimizer(config, model.parameters())
     scheduler = make_scheduler(config, optimizer, len(loader))
     model.train()
@@ -104,11 +107,27 @@ def time_to_accuracy(model, data: Prepared, config: TrainConfig, target: float) 
         curve.append({"epoch": record["epoch"], "seconds": round(elapsed, 1), "test_accuracy": accuracy})
         print(f"  epoch {record['epoch']}: {elapsed:7.1f} s, test accuracy {accuracy:.4f}", file=sys.stderr)
 
-    train(model, torch.from_numpy(data.images("train")), torch.from_numpy(data.labels("train")),
-          torch.from_numpy(data.images("val")), torch.from_numpy(data.labels("val")),
-          dataclasses.replace(config, patience=0, verbose=0), on_epoch_end=check)
+    train(
+        model,
+        torch.from_numpy(data.images("train")),
+        torch.from_numpy(data.labels("train")),
+        torch.from_numpy(data.images("val")),
+        torch.from_numpy(data.labels("val")),
+        dataclasses.replace(config, patience=0, verbose=0),
+        on_epoch_end=check,
+    )
     reached = next((point for point in curve if point["test_accuracy"] >= target), None)
     return {"target": target, "reached": reached, "curve": curve}
+
+
+def table(results: dict) -> str:
+    """The throughput comparison as markdown: one row per repeat, then the medians."""
+    lines = ["| repeat | ours (images/s) | tutorial loop (images/s) | ratio |", "|---:|---:|---:|---:|"]
+    for r in results["throughput"]:
+        lines.append(f"| {r['repeat']} | {r['ours']:.0f} | {r['tutorial']:.0f} | {r['ratio']:.2f}x |")
+    median = results["median"]
+    lines.append(f"| median | {median['ours']:.0f} | {median['tutorial']:.0f} | **{median['ratio']:.2f}x** |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -128,8 +147,7 @@ def main() -> None:
 
     def fresh_model() -> torch.nn.Module:
         seed_everything(config.seed)
-        return build_model(args.model, params.architecture_options(args.model), card["pixel_mean"],
-                           card["pixel_std"])
+        return build_model(args.model, params.architecture_options(args.model), card["pixel_mean"], card["pixel_std"])
 
     count = args.images or len(data.images("train"))
     x, y = data.images("train")[:count], data.labels("train")[:count]
@@ -143,12 +161,11 @@ def main() -> None:
     median = {k: statistics.median(r[k] for r in rows) for k in ("ours", "tutorial", "ratio")}
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"\n{args.model}, batch {config.batch_size}, {count} images per pass, {device.type} ({device_name}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| repeat | ours (images/s) | tutorial loop (images/s) | ratio |\n|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['repeat']} | {r['ours']:.0f} | {r['tutorial']:.0f} | {r['ratio']:.2f}x |")
-    print(f"| median | {median['ours']:.0f} | {median['tutorial']:.0f} | {median['ratio']:.2f}x |")
+    print(
+        f"\n{args.model}, batch {config.batch_size}, {count} images per pass, {device.type} ({device_name}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(table({"throughput": rows, "median": median}))
 
     accuracy = None
     if not args.skip_accuracy:
@@ -158,19 +175,34 @@ def main() -> None:
         if reached:
             projected = reached["epoch"] * len(data.images("train")) / median["tutorial"]
             accuracy["tutorial_projected_seconds"] = projected
-            print(f"\n{args.target:.0%} test accuracy after epoch {reached['epoch']}: {reached['seconds']:.0f} s "
-                  f"(the tutorial loop at its measured speed: {projected:.0f} s, projected)")
+            print(
+                f"\n{args.target:.0%} test accuracy after epoch {reached['epoch']}: {reached['seconds']:.0f} s "
+                f"(the tutorial loop at its measured speed: {projected:.0f} s, projected)"
+            )
         else:
             best = max(p["test_accuracy"] for p in accuracy["curve"])
             print(f"\n{args.target:.0%} not reached in {config.epochs} epochs (best {best:.4f})")
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "model": args.model, "device": device.type, "device_name": device_name, "batch_size": config.batch_size,
-        "images_per_pass": count, "dataloader_workers": args.workers, "threads": torch.get_num_threads(),
-        "train_config": dataclasses.asdict(config), "throughput": rows, "median": median,
-        "time_to_accuracy": accuracy,
-    }, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "device": device.type,
+                "device_name": device_name,
+                "batch_size": config.batch_size,
+                "images_per_pass": count,
+                "dataloader_workers": args.workers,
+                "threads": torch.get_num_threads(),
+                "train_config": dataclasses.asdict(config),
+                "throughput": rows,
+                "median": median,
+                "time_to_accuracy": accuracy,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {RESULTS}")
 
 

@@ -1,1 +1,1 @@
-"""One thin script per DVC stage; the logic lives in `training`."""
+"""One thin script per DVC stage: read params, call the library (`training`, `serving`), write outputs."""

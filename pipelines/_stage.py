@@ -1,4 +1,5 @@
 """What every stage script shares: logging, clean failures, SIGTERM treated like Ctrl-C."""
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def run(main: Callable[[], None]) -> None:
     """Run a stage; an expected failure (a PipelineError) prints one clear line instead of a traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("alembic", "mlflow.store.db.utils", "urllib3", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # "no pip in a uv venv"

@@ -1,4 +1,5 @@
 """evaluate stage (one per zoo model): validation and test metrics, confusion matrix, report, mistakes."""
+
 import csv
 import logging
 import sys
@@ -8,8 +9,7 @@ from pipelines._stage import run
 from serving.files import read_json, write_json
 from training import tracking
 from training.checkpoint import load_trained
-from training.config import (CARD_FILE, DATASET_FILE, EVALUATION_DIR, METRICS_DIR, PREDICTIONS_DIR, Params,
-                             summary_path)
+from training.config import CARD_FILE, DATASET_FILE, EVALUATION_DIR, METRICS_DIR, PREDICTIONS_DIR, Params, summary_path
 from training.data import Prepared
 from training.evaluation import Evaluation, evaluate_model
 from training.plots import confusion_figure, misclassified_grid
@@ -23,7 +23,9 @@ def write_predictions(evaluation: Evaluation, class_names: list[str], path: Path
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
-        writer.writerows((class_names[a], class_names[p]) for a, p in zip(evaluation.actual, evaluation.predicted))
+        writer.writerows(
+            (class_names[a], class_names[p]) for a, p in zip(evaluation.actual, evaluation.predicted, strict=True)
+        )
 
 
 def main() -> None:
@@ -34,25 +36,44 @@ def main() -> None:
     prepared = Prepared.load(DATASET_FILE)
     summary = read_json(summary_path(name))
     tta = params.flip_tta(params.evaluate.tta, name)
-    evaluation = evaluate_model(load_trained(name, params, card), prepared, class_names, tta,
-                                params.evaluate.batch_size)
+    evaluation = evaluate_model(
+        load_trained(name, params, card), prepared, class_names, tta, params.evaluate.batch_size
+    )
     scores = evaluation.scores
 
-    write_json({**scores, **{k: summary[k] for k in ("parameters", "best_epoch", "train_seconds", "images_per_second")}},
-               METRICS_DIR / f"{name}.json")
+    write_json(
+        {**scores, **{k: summary[k] for k in ("parameters", "best_epoch", "train_seconds", "images_per_second")}},
+        METRICS_DIR / f"{name}.json",
+    )
     write_predictions(evaluation, class_names, PREDICTIONS_DIR / f"{name}.csv")
     out = EVALUATION_DIR / name
     write_json(evaluation.report, out / "classification_report.json")
     write_json({"labels": class_names, "matrix": evaluation.confusion.tolist()}, out / "confusion_matrix.json")
-    confusion_figure(evaluation.confusion, class_names, f"{name}: test accuracy {scores['test_accuracy']:.2%}",
-                     out / "confusion_matrix.png")
-    misclassified_grid(prepared.images("test"), evaluation.actual, evaluation.predicted, evaluation.confidence,
-                       class_names, out / "misclassified.png", params.evaluate.misclassified)
+    confusion_figure(
+        evaluation.confusion,
+        class_names,
+        f"{name}: test accuracy {scores['test_accuracy']:.2%}",
+        out / "confusion_matrix.png",
+    )
+    misclassified_grid(
+        prepared.images("test"),
+        evaluation.actual,
+        evaluation.predicted,
+        evaluation.confidence,
+        class_names,
+        out / "misclassified.png",
+        params.evaluate.misclassified,
+    )
 
     tracking.setup(params.experiment_name)
     tracking.log_evaluation(summary["run_id"], scores, evaluation.report, class_names, out)
-    log.info("%s: val_acc %.4f, test_acc %.4f%s", name, scores["val_accuracy"], scores["test_accuracy"],
-             f" with flip TTA ({scores['test_accuracy_single_view']:.4f} without)" if tta else "")
+    log.info(
+        "%s: val_acc %.4f, test_acc %.4f%s",
+        name,
+        scores["val_accuracy"],
+        scores["test_accuracy"],
+        f" with flip TTA ({scores['test_accuracy_single_view']:.4f} without)" if tta else "",
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """export stage: the champion as one self-contained ONNX file, parity-checked, in MLflow and BentoML."""
+
 import logging
 
 from pipelines._stage import run
@@ -22,17 +23,28 @@ def main() -> None:
     metadata = onnx_metadata(champion, card, params.data.spec.upload_fit, tta, tracking.git_commit())
     log.info("exporting %s to ONNX%s", champion["model"], " with flip TTA in the graph" if tta else "")
     path = export_onnx(net, EXPORT_DIR / "model.onnx", metadata)
-    parity = check_parity(net, path, Prepared.load(DATASET_FILE).images("test"), atol=params.export.parity_atol,
-                          progress=True)
-    log.info("parity on %d test images: max |p_onnx - p_torch| = %.2e, argmax disagreements: %d",
-             parity["images"], parity["max_abs_probability_diff"], parity["argmax_disagreements"])
+    parity = check_parity(
+        net, path, Prepared.load(DATASET_FILE).images("test"), atol=params.export.parity_atol, progress=True
+    )
+    log.info(
+        "parity on %d test images: max |p_onnx - p_torch| = %.2e, argmax disagreements: %d",
+        parity["images"],
+        parity["max_abs_probability_diff"],
+        parity["argmax_disagreements"],
+    )
 
     tracking.setup(params.experiment_name)
     tracking.log_export(champion["run_id"], path, parity)
-    tag = save_onnx(path, params.bentoml_model_name, labels={
-        "dataset": card["dataset"], "model": champion["model"], "run_id": champion["run_id"],
-        "accuracy": f"{champion['test_accuracy']:.4f}",
-    })
+    tag = save_onnx(
+        path,
+        params.bentoml_model_name,
+        labels={
+            "dataset": card["dataset"],
+            "model": champion["model"],
+            "run_id": champion["run_id"],
+            "accuracy": f"{champion['test_accuracy']:.4f}",
+        },
+    )
     write_json({"bentoml_tag": tag, "onnx": str(path), "parity": parity, **metadata}, EXPORT_DIR / "export.json")
     log.info("exported %s to %s and the BentoML store as %s", champion["model"], path, tag)
 

@@ -1,4 +1,5 @@
 """fetch stage: the four official files of `data.dataset` into data/raw, verified."""
+
 import os
 import sys
 

@@ -1,4 +1,5 @@
 """prepare stage: parse the sources, split train/validation (stratified), write arrays, card, samples."""
+
 import logging
 
 from pipelines._stage import run
@@ -15,8 +16,9 @@ def main() -> None:
     result = prepare_dataset(settings, RAW_DIR)
     result.prepared.save(DATASET_FILE)
     write_json(result.card, CARD_FILE)
-    sample_grid(result.prepared.images("train"), result.prepared.labels("train"), result.card["class_names"],
-                SAMPLES_FILE)
+    sample_grid(
+        result.prepared.images("train"), result.prepared.labels("train"), result.card["class_names"], SAMPLES_FILE
+    )
     log.info("prepared %s: %s", result.card["dataset"], result.card["images"])
 
 

@@ -1,4 +1,5 @@
 """Print a preset as `dvc exp run` arguments: `dvc exp run $(python -m pipelines.preset full)`."""
+
 import json
 import sys
 

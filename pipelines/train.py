@@ -1,4 +1,5 @@
 """train stage (one per zoo model): train, save the best weights, curves and summary; MLflow has the rest."""
+
 import csv
 import logging
 import sys
@@ -34,8 +35,14 @@ def main() -> None:
     write_curves(trained.history, CURVES_DIR / f"{name}.csv")
     write_json(trained.summary, summary_path(name))
     summary = trained.summary
-    log.info("%s: best val_acc %.4f at epoch %d (%d params, %.0fs)", name, summary["best_val_accuracy"],
-             summary["best_epoch"], summary["parameters"], summary["train_seconds"])
+    log.info(
+        "%s: best val_acc %.4f at epoch %d (%d params, %.0fs)",
+        name,
+        summary["best_val_accuracy"],
+        summary["best_epoch"],
+        summary["parameters"],
+        summary["train_seconds"],
+    )
 
 
 if __name__ == "__main__":

@@ -1,1 +1,1 @@
-"""The BentoML service for the exported champion (see the serving issue)."""
+"""The BentoML service for the exported champion, and the file helpers the pipeline shares with it."""

@@ -1,5 +1,6 @@
 """Adaptive batching in the worker's event loop, with no waiting: the requests that arrive while the model
 is busy form its next batch. A lone request runs at once; under load, batches grow by themselves."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,12 @@ class MicroBatcher:
     of other concurrent calls (at most `max_batch_size` images, or one larger call on its own). The model
     runs on one dedicated thread, so the event loop keeps parsing requests meanwhile."""
 
-    def __init__(self, model: Callable[[np.ndarray], np.ndarray], max_batch_size: int,
-                 on_batch: Callable[[int], None] = lambda size: None):
+    def __init__(
+        self,
+        model: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int,
+        on_batch: Callable[[int], None] = lambda size: None,
+    ):
         self.model = model
         self.callers = 0  # requests between `tracked()` and their answer: the load on this worker
         self.max_batch_size = max_batch_size
@@ -53,7 +58,8 @@ class MicroBatcher:
             self.callers -= 1
 
     def _next_batch(self) -> list[tuple[np.ndarray, asyncio.Future]]:
-        batch, size = [], 0
+        batch: list[tuple[np.ndarray, asyncio.Future]] = []
+        size = 0
         while self.pending:
             images, future = self.pending[0]
             if batch and size + len(images) > self.max_batch_size:
@@ -82,5 +88,5 @@ class MicroBatcher:
             start = 0
             for part, future in batch:
                 if not future.done():
-                    future.set_result(outputs[start: start + len(part)])
+                    future.set_result(outputs[start : start + len(part)])
                 start += len(part)

@@ -1,6 +1,7 @@
 """File helpers shared by the pipeline and the service: checksums, JSON, atomic writes.
 
 They live in serving/ because a bento ships serving/ alone; the pipeline imports them from here."""
+
 from __future__ import annotations
 
 import hashlib

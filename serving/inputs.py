@@ -1,4 +1,5 @@
 """Request bodies to model inputs, or a ClientError whose message names what is wrong."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,14 +21,18 @@ async def read_upload(request: Request, field: str) -> bytes:
     """The bytes of the one file in multipart field `field`."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
-        raise ClientError(f"send the image as multipart/form-data with the file in field `{field}` "
-                          f"(got content type {content_type or 'none'!r})", status=415)
+        raise ClientError(
+            f"send the image as multipart/form-data with the file in field `{field}` "
+            f"(got content type {content_type or 'none'!r})",
+            status=415,
+        )
     try:
         async with request.form(max_files=2, max_fields=10) as form:
             names = list(form.keys())
             if field not in names:
-                raise ClientError(f"missing multipart field `{field}` (got {names or 'no fields'}): "
-                                  f"send the image file as `{field}`")
+                raise ClientError(
+                    f"missing multipart field `{field}` (got {names or 'no fields'}): send the image file as `{field}`"
+                )
             extra = [name for name in names if name != field]
             if extra:
                 raise ClientError(f"unexpected multipart fields {extra}: send only the image file, as `{field}`")
@@ -81,12 +86,15 @@ def _one_image(index: int, image: object, shape: tuple[int, ...]) -> np.ndarray:
     try:
         values = np.asarray(image)
     except (ValueError, TypeError, OverflowError):
-        raise ClientError(f"image {index} must be {shape[1]}x{shape[2]} (or {pixels}) numbers; "
-                          "got ragged or non-numeric data") from None
+        raise ClientError(
+            f"image {index} must be {shape[1]}x{shape[2]} (or {pixels}) numbers; got ragged or non-numeric data"
+        ) from None
     if values.dtype.kind not in "iuf":
-        raise ClientError(f"image {index} must be {shape[1]}x{shape[2]} (or {pixels}) numbers; "
-                          "got non-numeric data") from None
+        raise ClientError(
+            f"image {index} must be {shape[1]}x{shape[2]} (or {pixels}) numbers; got non-numeric data"
+        ) from None
     if values.shape not in ((pixels,), shape[1:], shape):
-        raise ClientError(f"image {index} must be {shape[1]}x{shape[2]} or {pixels} values; "
-                          f"got shape {list(values.shape)}")
+        raise ClientError(
+            f"image {index} must be {shape[1]}x{shape[2]} or {pixels} values; got shape {list(values.shape)}"
+        )
     return values.reshape(shape).astype(np.float64)

@@ -1,4 +1,5 @@
 """The request body limit, enforced before a body is read into memory."""
+
 from __future__ import annotations
 
 import orjson
@@ -21,8 +22,13 @@ class BodyLimit:
         if length is not None and not length.isdigit():
             return await reject(send, ClientError(f"invalid Content-Length {length.decode('latin-1')!r}"))
         if length is not None and int(length) > self.max_bytes:
-            return await reject(send, ClientError(f"request body too large: the limit is {self.max_bytes:,} "
-                                                  f"bytes, got {int(length):,} bytes", status=413))
+            return await reject(
+                send,
+                ClientError(
+                    f"request body too large: the limit is {self.max_bytes:,} bytes, got {int(length):,} bytes",
+                    status=413,
+                ),
+            )
         received = 0
 
         async def counted_receive():
@@ -38,6 +44,11 @@ class BodyLimit:
 
 async def reject(send, error: ClientError) -> None:
     """Answer with the error and close the connection: the rest of the body is not read."""
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+        }
+    )
     await send({"type": "http.response.body", "body": orjson.dumps({"error": error.message})})

@@ -1,9 +1,11 @@
 """The BentoML model store: where the export stage puts the ONNX model and the service finds it."""
+
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import bentoml
 
@@ -22,14 +24,14 @@ def default_model_tag(fallback: str = "fashion-mnist-classifier:latest") -> str:
         return fallback
 
 
-def read_metadata(path: Path | str) -> dict[str, object]:
+def read_metadata(path: Path | str) -> dict[str, Any]:
     """An ONNX file's metadata_props, JSON values decoded."""
     import onnx  # export time only: a bento serves without it
 
     return decode_metadata({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props})
 
 
-def decode_metadata(props: dict[str, str]) -> dict[str, object]:
+def decode_metadata(props: dict[str, str]) -> dict[str, Any]:
     """ONNX metadata values are strings; the export stage JSON-encodes every non-string value."""
     decoded = {}
     for key, value in props.items():

@@ -5,6 +5,7 @@ keeping the aspect ratio, pad onto a black square and centre it. Images already 
 are taken as they are (after the grey conversion and background check), so a dataset image
 round-trips exactly. The dataset-specific numbers come from the model's metadata.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,9 @@ def _as_image_errors():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
     except UnidentifiedImageError:
-        raise ImageError("the file is not an image in a format this service reads "
-                         "(PNG, JPEG, BMP, GIF, WebP, TIFF, ...)") from None
+        raise ImageError(
+            "the file is not an image in a format this service reads (PNG, JPEG, BMP, GIF, WebP, TIFF, ...)"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"the image is too large to decode safely: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -68,7 +70,7 @@ def fit_and_centre(pixels: np.ndarray, size: int, fit: int) -> np.ndarray:
     """Trim to the object, scale its longest side to `fit` (aspect kept), centre it on a black square."""
     mask = pixels > 0.1 * pixels.max() if pixels.max() else np.ones_like(pixels, dtype=bool)
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    crop = pixels[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    crop = pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     height, width = crop.shape
     scale = fit / max(height, width)
     new_size = (max(1, round(width * scale)), max(1, round(height * scale)))

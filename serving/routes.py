@@ -5,6 +5,7 @@ request path costs about 0.8 ms of CPU per request before any work, as much as t
 (docs/serving.md), while a mounted app runs in the same BentoML workers, docs, metrics, model store and
 bento at half that cost. Each route finds the service (its model, batcher and settings) through BentoML.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,15 +34,37 @@ def json_response(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
-DETAILS = Query(False, description="also return every class's probability and the 28x28 image the model took "
-                                  "(what the demo page shows)")
+DETAILS = Query(
+    False,
+    description="also return every class's probability and the 28x28 image the model took (what the demo page shows)",
+)
 
 
-@router.post("/predict", response_model=Prediction | Details, responses=ERRORS, openapi_extra={"requestBody": {
-    "required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["image"],
-        "properties": {"image": {"type": "string", "format": "binary",
-                                 "description": "an image file: PNG, JPEG, BMP, GIF, WebP, TIFF..."}}}}}}})
+@router.post(
+    "/predict",
+    response_model=Prediction | Details,
+    responses=ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {
+                            "image": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "an image file: PNG, JPEG, BMP, GIF, WebP, TIFF...",
+                            }
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
 async def predict(request: Request, details: bool = DETAILS) -> Response:
     """Classify one image file (multipart field `image`): any size, colour or grey. Try it in a browser: /ui/"""
     service = bentoml.get_current_service()
@@ -51,14 +74,22 @@ async def predict(request: Request, details: bool = DETAILS) -> Response:
         probabilities = await service.batcher(image)
         prediction = service.predictions(probabilities)[0]
         if details:
-            prediction["probabilities"] = [{"class_name": name, "probability": p}
-                                           for name, p in zip(service.class_names, probabilities[0].tolist())]
+            prediction["probabilities"] = [
+                {"class_name": name, "probability": p}
+                for name, p in zip(service.class_names, probabilities[0].tolist(), strict=True)
+            ]
             prediction["model_input"] = image[0, 0].tolist()
         return json_response(prediction)
 
 
-@router.post("/predict_batch", response_model=list[Prediction], responses=ERRORS, openapi_extra={"requestBody": {
-    "required": True, "content": {"application/json": {"schema": Batch.model_json_schema()}}}})
+@router.post(
+    "/predict_batch",
+    response_model=list[Prediction],
+    responses=ERRORS,
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": Batch.model_json_schema()}}}
+    },
+)
 async def predict_batch(request: Request) -> Response:
     """Classify many images given as pixel arrays; one result per image, in order."""
     service = bentoml.get_current_service()

@@ -1,4 +1,5 @@
 """onnxruntime for the service: a deliberate choice of execution provider, warmed before ready."""
+
 from __future__ import annotations
 
 import logging
@@ -51,16 +52,17 @@ def verified_model_file(path: str, expected_sha256: str | None) -> str:
     if expected_sha256 is None:
         log.warning("no checksum recorded for %s: its integrity is not verified", path)
     elif (actual := sha256_file(path)) != expected_sha256:
-        raise ModelFileError(f"model file {path} is corrupt: sha256 {actual} differs from {expected_sha256} "
-                             "recorded at export; re-run the export stage (`dvc repro export`)")
+        raise ModelFileError(
+            f"model file {path} is corrupt: sha256 {actual} differs from {expected_sha256} "
+            "recorded at export; re-run the export stage (`dvc repro export`)"
+        )
     return path
 
 
 class OnnxClassifier:
     """The exported model: uint8 images [N,1,28,28] in, class probabilities out."""
 
-    def __init__(self, path: str, device: str = "auto", threads: int | None = None,
-                 expected_sha256: str | None = None):
+    def __init__(self, path: str, device: str = "auto", threads: int | None = None, expected_sha256: str | None = None):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -70,8 +72,9 @@ class OnnxClassifier:
         providers = choose_providers(device)
         ort.set_default_logger_severity(4)  # a CUDA provider that fails to load is reported below, once
         try:
-            self.session = ort.InferenceSession(verified_model_file(path, expected_sha256), options,
-                                                providers=providers)
+            self.session = ort.InferenceSession(
+                verified_model_file(path, expected_sha256), options, providers=providers
+            )
         except ModelFileError:
             raise
         except Exception as exc:  # onnxruntime's own errors for files that are not valid models
@@ -80,10 +83,10 @@ class OnnxClassifier:
             ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
         self.provider = self.session.get_providers()[0]
         if providers[0] != CPU and self.provider != CUDA:
-            log.warning("%s could not be loaded (CUDA or cuDNN libraries missing?): serving on %s", CUDA,
-                        self.provider)
-        log.info("onnxruntime %s on %s, %d intra-op threads", ort.__version__, self.provider,
-                 options.intra_op_num_threads)
+            log.warning("%s could not be loaded (CUDA or cuDNN libraries missing?): serving on %s", CUDA, self.provider)
+        log.info(
+            "onnxruntime %s on %s, %d intra-op threads", ort.__version__, self.provider, options.intra_op_num_threads
+        )
         self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         spec = self.metadata["input_spec"]
         self.input_name = spec["name"]

@@ -1,5 +1,8 @@
 """The request and response bodies, as the OpenAPI document describes them."""
+
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -30,9 +33,11 @@ class Error(BaseModel):
 
 
 class Batch(BaseModel):
-    images: list[list] = Field(description=f"images, each 28x28 (or 784) integers 0-255; at most "
-                                           f"{MAX_BATCH_IMAGES} per request (SERVING_MAX_BATCH_IMAGES)",
-                               examples=[[EXAMPLE_IMAGE]])
+    images: list[list] = Field(
+        description=f"images, each 28x28 (or 784) integers 0-255; at most "
+        f"{MAX_BATCH_IMAGES} per request (SERVING_MAX_BATCH_IMAGES)",
+        examples=[[EXAMPLE_IMAGE]],
+    )
 
 
-ERRORS = {status: {"model": Error} for status in (400, 413, 415)}
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": Error} for status in (400, 413, 415)}

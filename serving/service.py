@@ -7,6 +7,7 @@ Host and port: `bentoml serve --host --port` (`make serve HOST=... PORT=...`).
 BentoML reads the service's configuration (workers, timeout, tracing), its model and its mounted app when
 it imports this module, so the settings are read here, once, and handed to everything else.
 """
+
 from __future__ import annotations
 
 import gc
@@ -27,12 +28,17 @@ from serving.settings import ServingSettings
 
 SETTINGS = ServingSettings.from_env()
 INLINE_PIXELS = 256 * 256  # smaller uploads are decoded on the event loop; a thread hop costs more
-BATCH_SIZES = Histogram("serving_batch_size", "images per onnxruntime call",
-                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+BATCH_SIZES = Histogram(
+    "serving_batch_size", "images per onnxruntime call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+)
 
 
-@bentoml.service(name="image_classifier", workers=SETTINGS.workers, traffic={"timeout": SETTINGS.timeout_s},
-                 tracing={} if SETTINGS.trace_requests else {"excluded_urls": PREDICTION_ROUTES})
+@bentoml.service(
+    name="image_classifier",
+    workers=SETTINGS.workers,
+    traffic={"timeout": SETTINGS.timeout_s},
+    tracing={} if SETTINGS.trace_requests else {"excluded_urls": PREDICTION_ROUTES},
+)
 @bentoml.asgi_app(build_api(SETTINGS), path="/", name="classifier")
 class Classifier:
     """Classifies 28x28 grey images of clothing (Fashion-MNIST) or digits (MNIST)."""
@@ -41,9 +47,12 @@ class Classifier:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self.model = OnnxClassifier(self.bento_model.path_of(ONNX_FILE), device=SETTINGS.device,
-                                    threads=SETTINGS.threads,
-                                    expected_sha256=self.bento_model.info.metadata.get("onnx_sha256"))
+        self.model = OnnxClassifier(
+            self.bento_model.path_of(ONNX_FILE),
+            device=SETTINGS.device,
+            threads=SETTINGS.threads,
+            expected_sha256=self.bento_model.info.metadata.get("onnx_sha256"),
+        )
         self.metadata = self.model.metadata
         self.class_names = self.model.class_names
         self.image_shape = self.model.image_shape
@@ -61,10 +70,23 @@ class Classifier:
         return getattr(self, "ready", False)
 
     def card(self) -> dict[str, Any]:
-        keys = ("model_name", "dataset", "class_names", "val_accuracy", "test_accuracy", "mlflow_run_id",
-                "git_commit", "parameters", "test_time_augmentation", "input_spec")
-        return {"bentoml_tag": str(self.bento_model.tag), "execution_provider": self.model.provider,
-                **{k: self.metadata.get(k) for k in keys}}
+        keys = (
+            "model_name",
+            "dataset",
+            "class_names",
+            "val_accuracy",
+            "test_accuracy",
+            "mlflow_run_id",
+            "git_commit",
+            "parameters",
+            "test_time_augmentation",
+            "input_spec",
+        )
+        return {
+            "bentoml_tag": str(self.bento_model.tag),
+            "execution_provider": self.model.provider,
+            **{k: self.metadata.get(k) for k in keys},
+        }
 
     async def decode(self, data: bytes) -> np.ndarray:
         """An upload to a model input [1,1,28,28]; large images are decoded off the event loop."""
@@ -82,6 +104,12 @@ class Classifier:
         top = np.argsort(-probabilities, axis=1)[:, : SETTINGS.top_k]
         top_p = np.take_along_axis(probabilities, top, axis=1).tolist()
         names = self.class_names
-        return [{"label": labels[0], "class_name": names[labels[0]], "confidence": p[0],
-                 "top_k": [{"class_name": names[i], "probability": q} for i, q in zip(labels, p)]}
-                for labels, p in zip(top.tolist(), top_p)]
+        return [
+            {
+                "label": labels[0],
+                "class_name": names[labels[0]],
+                "confidence": p[0],
+                "top_k": [{"class_name": names[i], "probability": q} for i, q in zip(labels, p, strict=True)],
+            }
+            for labels, p in zip(top.tolist(), top_p, strict=True)
+        ]

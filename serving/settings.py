@@ -1,4 +1,5 @@
 """The service's settings: environment variables, each default here and nowhere else, validated once."""
+
 from __future__ import annotations
 
 import os

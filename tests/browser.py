@@ -3,6 +3,7 @@
 `make test` installs chromium and chromium-driver first (tests/install_browser.sh); where they are missing
 the browser tests skip and say why. Screenshots go to test-artifacts/screenshots (TEST_ARTIFACTS overrides).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,19 +21,30 @@ from selenium.webdriver.support.ui import WebDriverWait
 from tests.conftest import REPO
 
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "test-artifacts")) / "screenshots"
-# As the machine's notes say: without the background-networking flags Chromium keeps dialling out,
-# and this machine's closed network refuses it, many times at every start.
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,1100")
+# Without the background-networking flags Chromium keeps dialling out, and a closed network refuses it,
+# many times at every start.
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1100",
+)
 
 
 def chromium_paths() -> tuple[str, str]:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip("Chromium and ChromeDriver are not installed (Debian packages chromium, chromium-driver; "
-                    "`make test` installs them where it runs as root with apt-get)")
+        pytest.skip(
+            "Chromium and ChromeDriver are not installed (Debian packages chromium, chromium-driver; "
+            "`make test` installs them where it runs as root with apt-get)"
+        )
     return chromium, driver
 
 
@@ -57,14 +69,14 @@ def screenshot(driver: webdriver.Chrome, name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     width, height = driver.execute_script(
-        "return [window.outerWidth, document.documentElement.scrollHeight]")  # the whole page, not just the top
+        "return [window.outerWidth, document.documentElement.scrollHeight]"
+    )  # the whole page, not just the top
     driver.set_window_size(width, max(1100, min(int(height) + 40, 4000)))
     driver.save_screenshot(str(path))
     return path
 
 
-def wait_for(driver: webdriver.Chrome, condition: Callable[[webdriver.Chrome], object], what: str,
-             timeout: float = 60):
+def wait_for(driver: webdriver.Chrome, condition: Callable[[webdriver.Chrome], object], what: str, timeout: float = 60):
     """Wait until `condition(driver)` is truthy; on timeout, fail naming `what` (with a screenshot)."""
     try:
         return WebDriverWait(driver, timeout).until(condition)

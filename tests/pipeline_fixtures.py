@@ -1,4 +1,5 @@
 """A real `dvc repro` in a copy of the repo on a tiny subset: the helpers the pipeline tests share."""
+
 import os
 import subprocess
 import sys
@@ -28,8 +29,12 @@ def tiny_params(repo: Path) -> None:
 def stage_env(shared_datasets: Path, bentoml_home: Path) -> dict:
     """The environment of `make run`, with the BentoML store in a temp folder, not the user's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "BENTO"))}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", DATASET_MIRROR=f"{shared_datasets}/{{dataset}}",
-               BENTOML_HOME=str(bentoml_home), BENTOML_DO_NOT_TRACK="true")
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}",
+        DATASET_MIRROR=f"{shared_datasets}/{{dataset}}",
+        BENTOML_HOME=str(bentoml_home),
+        BENTOML_DO_NOT_TRACK="true",
+    )
     return env
 
 

@@ -1,4 +1,5 @@
 """A small trained model in a throwaway BentoML store, for tests of the service."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,11 +15,11 @@ from PIL import Image
 
 from benchmarks.local_server import LocalServer
 from tests.conftest import REPO, require_shared_datasets
+from training.config import TrainConfig, load_params
 from training.data import load_idx_pair
 from training.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, get_spec
 from training.export import export_onnx
 from training.models import build_model
-from training.config import TrainConfig, load_params
 from training.trainer import seed_everything, train
 
 MODEL_NAME = "fashion-mnist-classifier"
@@ -32,23 +33,47 @@ def small_model(folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     seed_everything(0)
     net = build_model("mlp_512", mean=0.286, std=0.353)
     x, y = x.copy(), y.copy()  # writable, as torch wants
-    train(net, torch.from_numpy(x[:6000]), torch.from_numpy(y[:6000]), torch.from_numpy(x[6000:7000]),
-          torch.from_numpy(y[6000:7000]), TrainConfig.from_dict({**load_params(REPO / "params.yaml")["train"], "epochs": 2, "verbose": 0, "lr": 2e-3}))
+    train(
+        net,
+        torch.from_numpy(x[:6000]),
+        torch.from_numpy(y[:6000]),
+        torch.from_numpy(x[6000:7000]),
+        torch.from_numpy(y[6000:7000]),
+        TrainConfig.from_dict({**load_params(REPO / "params.yaml")["train"], "epochs": 2, "verbose": 0, "lr": 2e-3}),
+    )
     spec = get_spec("fashion-mnist")
-    path = export_onnx(net.eval(), folder / "model.onnx", {
-        "model_name": "mlp_512", "dataset": spec.name, "class_names": list(spec.class_names),
-        "upload_fit": spec.upload_fit, "mlflow_run_id": "test-run", "git_commit": "test-commit",
-        "val_accuracy": 0.0, "test_accuracy": 0.0, "parameters": 669706,
-    })
+    path = export_onnx(
+        net.eval(),
+        folder / "model.onnx",
+        {
+            "model_name": "mlp_512",
+            "dataset": spec.name,
+            "class_names": list(spec.class_names),
+            "upload_fit": spec.upload_fit,
+            "mlflow_run_id": "test-run",
+            "git_commit": "test-commit",
+            "val_accuracy": 0.0,
+            "test_accuracy": 0.0,
+            "parameters": 669706,
+        },
+    )
     return path, x_test, y_test
 
 
 def store_model(onnx_path: Path, bentoml_home: Path) -> str:
     """Save into the BentoML store at `bentoml_home` (in a subprocess: BENTOML_HOME is read at import)."""
-    code = ("import sys, json; from pathlib import Path; from serving.model_store import save_onnx; "
-            "print(save_onnx(Path(sys.argv[1]), sys.argv[2], {'dataset': 'fashion-mnist'}))")
-    done = subprocess.run([sys.executable, "-c", code, str(onnx_path), MODEL_NAME], cwd=REPO, check=True,
-                          capture_output=True, text=True, env={**os.environ, "BENTOML_HOME": str(bentoml_home)})
+    code = (
+        "import sys, json; from pathlib import Path; from serving.model_store import save_onnx; "
+        "print(save_onnx(Path(sys.argv[1]), sys.argv[2], {'dataset': 'fashion-mnist'}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(onnx_path), MODEL_NAME],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BENTOML_HOME": str(bentoml_home)},
+    )
     return done.stdout.strip().splitlines()[-1]
 
 
@@ -70,8 +95,13 @@ def png(pixels: np.ndarray, mode: str = "L") -> bytes:
 
 def serve(served_model: dict, log_path: Path, **env: str) -> LocalServer:
     """`bentoml serve` of the service on the test model (not yet waited for)."""
-    return LocalServer("serving.service:Classifier", log_path, BENTOML_HOME=str(served_model["home"]),
-                       BENTO_MODEL_TAG=f"{MODEL_NAME}:latest", **env)
+    return LocalServer(
+        "serving.service:Classifier",
+        log_path,
+        BENTOML_HOME=str(served_model["home"]),
+        BENTO_MODEL_TAG=f"{MODEL_NAME}:latest",
+        **env,
+    )
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
 """The adaptive batcher, with a model that records the batches it is given."""
+
 import asyncio
 
 import numpy as np
@@ -37,7 +38,7 @@ def test_concurrent_calls_share_batches_and_each_gets_its_own_answer():
     batcher = MicroBatcher(model, max_batch_size=8)
     inputs = requests(20) + requests(3, size=3)
     outputs = asyncio.run(call_all(batcher, inputs))
-    for images, output in zip(inputs, outputs):
+    for images, output in zip(inputs, outputs, strict=True):
         assert (output == images.reshape(len(images), -1).sum(axis=1, keepdims=True) * 2).all()
     assert sum(model.batches) == 29 and max(model.batches) <= 8 and len(model.batches) < 23
 

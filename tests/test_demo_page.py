@@ -1,4 +1,5 @@
 """The demo page at /ui, in headless Chromium against a real `bentoml serve`: as a person uses it."""
+
 import numpy as np
 import pytest
 from selenium.webdriver.common.action_chains import ActionChains
@@ -55,8 +56,18 @@ def test_uploading_a_test_image_shows_what_the_model_sees_and_says(page, served_
     screenshot(page, "demo-page-prediction")
 
     expected = served_model["offline"][0]  # what the ONNX model says offline about this image
-    class_names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot"]
+    class_names = [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
     assert predicted == class_names[int(expected.argmax())]
     assert list(bars) == class_names
     assert max(bars, key=bars.get) == predicted
@@ -70,8 +81,11 @@ def test_a_file_that_is_not_an_image_shows_the_apis_error(page, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("these are notes, not a picture")
     upload(page, path)
-    error = wait_for(page, lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(By.ID, "error"),
-                     "the error message")
+    error = wait_for(
+        page,
+        lambda d: d.find_element(By.ID, "error").is_displayed() and d.find_element(By.ID, "error"),
+        "the error message",
+    )
     screenshot(page, "demo-page-error")
     assert "Error 400" in error.text
     assert "the file is not an image in a format this service reads" in error.text  # the API's own words

@@ -1,4 +1,5 @@
 """Data-parallel training: `torchrun --nproc_per_node=2` (gloo, CPU) runs the real train stage under DVC."""
+
 import json
 import sys
 

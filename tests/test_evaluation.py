@@ -1,4 +1,5 @@
 """Metrics against values worked out by hand."""
+
 import math
 
 import numpy as np
@@ -35,7 +36,9 @@ def test_loss_and_accuracy_by_hand():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
     labels = torch.tensor([0, 1, 1])
     loss, accuracy = loss_and_accuracy(logits, labels)
-    expected = -(math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(math.e / (math.e + 1))
-                 + math.log(1 / (math.exp(3) + 1))) / 3
+    expected = (
+        -(math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(math.e / (math.e + 1)) + math.log(1 / (math.exp(3) + 1)))
+        / 3
+    )
     assert loss == pytest.approx(expected, rel=1e-6)
     assert accuracy == pytest.approx(2 / 3)

@@ -1,4 +1,5 @@
 """ONNX export: self-contained file, dynamic batch axis, metadata round trip, parity check."""
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -9,9 +10,16 @@ from serving.model_store import read_metadata
 from training.export import ParityError, check_parity, export_onnx
 from training.models import FlipAveraged, build_model
 
-METADATA = {"model_name": "cnn_basic", "dataset": "fashion-mnist", "class_names": [f"c{i}" for i in range(10)],
-            "mlflow_run_id": "abc123", "git_commit": "deadbeef", "val_accuracy": 0.9, "test_accuracy": 0.89,
-            "upload_fit": 28}
+METADATA = {
+    "model_name": "cnn_basic",
+    "dataset": "fashion-mnist",
+    "class_names": [f"c{i}" for i in range(10)],
+    "mlflow_run_id": "abc123",
+    "git_commit": "deadbeef",
+    "val_accuracy": 0.9,
+    "test_accuracy": 0.89,
+    "upload_fit": 28,
+}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +68,7 @@ def test_parity_check_passes_for_the_exported_model(exported):
 
 
 def test_parity_check_fails_when_the_graph_differs(exported):
-    net, path = exported
+    _, path = exported
     other = build_model("cnn_basic", {"batch_norm": True}, mean=0.3, std=0.35).eval()  # other weights
     images = np.random.default_rng(0).integers(0, 256, (200, 1, 28, 28), dtype=np.uint8)
     with pytest.raises(ParityError, match="ONNX and PyTorch disagree"):

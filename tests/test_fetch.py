@@ -1,4 +1,5 @@
 """The fetch stage's download logic, against local folders and HTTP servers on loopback."""
+
 import http.server
 import signal
 import subprocess
@@ -15,7 +16,16 @@ from training.datasets import DatasetSpec, get_spec
 from training.fetch import FetchError, fetch_dataset, fetch_file, resolve_sources
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """A file server that records the paths asked for and misbehaves as told, one request at a time."""
+
+    requests: list[str]
+    behaviour: list[str]
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
+    server: _Server
+
     def log_message(self, *args):
         pass
 
@@ -47,7 +57,7 @@ def http_server():
     servers = []
 
     def start(folder: Path, behaviour=()):
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(folder)))
+        server = _Server(("127.0.0.1", 0), partial(_Handler, directory=str(folder)))
         server.requests, server.behaviour = [], list(behaviour)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -107,8 +117,14 @@ def test_mirror_is_tried_first_then_the_official_urls(tmp_path, dest, source, ht
     folder, name, digest = source
     empty = tmp_path / "empty-mirror"
     empty.mkdir()
-    spec = DatasetSpec("toy", urls=("http://official.invalid/",), sha256={name: digest}, class_names=("a",),
-                       hflip_ok=False, upload_fit=28)
+    spec = DatasetSpec(
+        "toy",
+        urls=("http://official.invalid/",),
+        sha256={name: digest},
+        class_names=("a",),
+        hflip_ok=False,
+        upload_fit=28,
+    )
     assert resolve_sources(spec, str(empty)) == [str(empty), "http://official.invalid/"]
     assert resolve_sources(spec, "/data/{dataset}/") == ["/data/toy/", "http://official.invalid/"]
     assert resolve_sources(spec, None) == ["http://official.invalid/"]
@@ -142,14 +158,15 @@ def test_an_interrupted_download_leaves_no_partial_file(dest, source, http_serve
 
 
 def test_when_every_source_fails_the_error_says_which_and_why(tmp_path, dest, source, http_server):
-    folder, name, digest = source
+    _, name, digest = source
     empty = tmp_path / "empty"
     empty.mkdir()
-    server, url = http_server(empty)
+    _, url = http_server(empty)
     unreachable = "http://127.0.0.1:9/"  # the discard port: connection refused
     with pytest.raises(FetchError) as error:
-        fetch_file(name, digest, dest, [str(empty), url, unreachable], retries=2, backoff=0.01, timeout=2,
-                   progress=False)
+        fetch_file(
+            name, digest, dest, [str(empty), url, unreachable], retries=2, backoff=0.01, timeout=2, progress=False
+        )
     message = str(error.value)
     assert f"could not fetch {name}" in message
     assert f"{empty}: no file" in message
@@ -186,8 +203,10 @@ def test_a_download_killed_midway_leaves_nothing_a_later_run_trusts(tmp_path, de
     (folder / name).write_bytes(bytes(range(256)) * 32768)  # 8 MiB: several read chunks before the stall
     digest = sha256(folder / name)
     _, stalling = http_server(folder, behaviour=["stall"])
-    code = ("import sys; from pathlib import Path; from training.fetch import fetch_file; "
-            "fetch_file(sys.argv[1], sys.argv[2], Path(sys.argv[3]), [sys.argv[4]], progress=False)")
+    code = (
+        "import sys; from pathlib import Path; from training.fetch import fetch_file; "
+        "fetch_file(sys.argv[1], sys.argv[2], Path(sys.argv[3]), [sys.argv[4]], progress=False)"
+    )
     process = subprocess.Popen([sys.executable, "-c", code, name, digest, str(dest), stalling], cwd=REPO)
     deadline = time.monotonic() + 60
     while not any(p.stat().st_size for p in dest.glob("*.part")):

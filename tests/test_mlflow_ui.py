@@ -1,4 +1,5 @@
 """The MLflow comparison as a person sees it: `mlflow ui` on the tiny pipeline's store, in headless Chromium."""
+
 import json
 
 import pytest
@@ -18,9 +19,24 @@ def mlflow_ui(pipeline, tmp_path_factory):
     """`mlflow ui` (what `make ui` starts) on the pipeline's own tracking store, on a loopback port."""
     repo, *_ = pipeline
     folder = tmp_path_factory.mktemp("mlflow-ui")
-    server = ChildServer([str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}",
-                          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
-                          "--port", "{port}", "--workers", "1"], folder / "mlflow-ui.log", "/health")
+    server = ChildServer(
+        [
+            str(VENV_BIN / "mlflow"),
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{repo / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "--workers",
+            "1",
+        ],
+        folder / "mlflow-ui.log",
+        "/health",
+    )
     yield server.wait_ready()
     server.close()
 
@@ -54,7 +70,7 @@ def shown_metrics(text: str, names: tuple[str, ...]) -> dict[str, str]:
     """The values a run page's Metrics table shows (each metric's name, then its value, one per line)."""
     if "Metrics (" not in text:  # not rendered yet
         return {}
-    lines = text[text.index("Metrics ("):].splitlines()
+    lines = text[text.index("Metrics (") :].splitlines()
     return {name: lines[lines.index(name) + 1] for name in names if name in lines}
 
 
@@ -69,8 +85,7 @@ def test_every_zoo_model_is_listed_with_its_metrics(mlflow_ui, runs, browser):
     for name in ZOO:
         run = by_name[name]
         browser.get(f"{mlflow_ui.url}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
-        wait_for(browser, lambda d: len(shown_metrics(page_text(d), metrics)) == len(metrics),
-                 f"the metrics of {name}")
+        wait_for(browser, lambda d: len(shown_metrics(page_text(d), metrics)) == len(metrics), f"the metrics of {name}")
         browser.execute_script(SCROLL_TO_METRICS)  # for the screenshot
         screenshot(browser, f"mlflow-run-{name}")
         assert name in page_text(browser)
@@ -84,13 +99,26 @@ def test_the_champions_confusion_matrix_is_shown(mlflow_ui, runs, pipeline, brow
     experiment_id, by_name = runs
     champion = json.loads((repo / "champion.json").read_text())
     assert by_name[champion["model"]].info.run_id == champion["run_id"]
-    browser.get(f"{mlflow_ui.url}/#/experiments/{experiment_id}/runs/{champion['run_id']}"
-                "/artifacts/evaluation/confusion_matrix.png")
+    browser.get(
+        f"{mlflow_ui.url}/#/experiments/{experiment_id}/runs/{champion['run_id']}"
+        "/artifacts/evaluation/confusion_matrix.png"
+    )
     # the preview fetches the file and shows it from a blob: URL; the figure is the only large image
-    image = wait_for(browser, lambda d: "evaluation/confusion_matrix.png" in page_text(d) and next((
-        img for img in d.find_elements(By.TAG_NAME, "img")
-        if d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 400), None),
-        "the confusion matrix image")
+    image = wait_for(
+        browser,
+        lambda d: (
+            "evaluation/confusion_matrix.png" in page_text(d)
+            and next(
+                (
+                    img
+                    for img in d.find_elements(By.TAG_NAME, "img")
+                    if d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 400
+                ),
+                None,
+            )
+        ),
+        "the confusion matrix image",
+    )
     screenshot(browser, "mlflow-champion-confusion-matrix")
     shown = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
     figure = Image.open(repo / "reports/evaluation" / champion["model"] / "confusion_matrix.png")

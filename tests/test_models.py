@@ -1,4 +1,5 @@
 """The zoo: output shapes, parameter counts (worked out by hand), options."""
+
 import pytest
 import torch
 
@@ -21,12 +22,25 @@ EXPECTED_PARAMETERS = {
     "mlp_relu_10": (784 * 10 + 10) + (10 * 10 + 10),
     "mlp_512": (784 * 512 + 512) + (512 * 512 + 512) + (512 * 10 + 10),
     "cnn_basic": (9 * 32 + 32) + (9 * 32 * 64 + 64) + (64 * 7 * 7 * 128 + 128) + (128 * 10 + 10),
-    "cnn_deep_a": (9 * 32 + 64) + (9 * 32 * 32 + 64) + (9 * 32 * 64 + 128) + (9 * 64 * 64 + 128)
-    + (64 * 7 * 7 * 512 + 1024) + (512 * 10 + 10),
-    "cnn_deep_b": (9 * 32 + 64) + (9 * 32 * 32 + 64) + (9 * 32 * 64 + 128) + (9 * 64 * 64 + 128)
-    + (9 * 64 * 128 + 256) + (9 * 128 * 128 + 256) + (128 * 3 * 3 * 256 + 512) + (256 * 10 + 10),
+    "cnn_deep_a": (9 * 32 + 64)
+    + (9 * 32 * 32 + 64)
+    + (9 * 32 * 64 + 128)
+    + (9 * 64 * 64 + 128)
+    + (64 * 7 * 7 * 512 + 1024)
+    + (512 * 10 + 10),
+    "cnn_deep_b": (9 * 32 + 64)
+    + (9 * 32 * 32 + 64)
+    + (9 * 32 * 64 + 128)
+    + (9 * 64 * 64 + 128)
+    + (9 * 64 * 128 + 256)
+    + (9 * 128 * 128 + 256)
+    + (128 * 3 * 3 * 256 + 512)
+    + (256 * 10 + 10),
     # stem 32, one block per stage at 64, 128, 256 channels
-    "resnet": (9 * 32 + 64) + residual_block(32, 64) + residual_block(64, 128) + residual_block(128, 256)
+    "resnet": (9 * 32 + 64)
+    + residual_block(32, 64)
+    + residual_block(64, 128)
+    + residual_block(128, 256)
     + (256 * 10 + 10),
 }
 
@@ -80,7 +94,7 @@ def test_bad_options_are_clear_errors():
 
 @pytest.mark.parametrize("preset", [None, "full"])
 def test_residual_network_stays_within_its_parameter_budget(preset):
-    """The issue's budget: at most 3M parameters, with the committed and with the `full` settings."""
+    """At most 3M parameters, with the committed and with the `full` settings."""
     params = load_params(REPO / "params.yaml")
     if preset:
         params = apply_overrides(params, preset_overrides(preset, REPO / PRESETS_DIR))
@@ -93,8 +107,12 @@ def test_residual_network_resolution_and_identity_start():
     """The stem halves 28x28 to 14x14, each later stage halves again; every block starts as the identity."""
     model = build_model("resnet", {"widths": [16, 32, 64], "blocks": [2, 1, 1], "stem": 8}).eval()
     sizes = []
-    model.apply(lambda m: isinstance(m, ResidualBlock) and m.register_forward_hook(
-        lambda _m, _i, out: sizes.append(tuple(out.shape[1:]))))
+    model.apply(
+        lambda m: (
+            isinstance(m, ResidualBlock)
+            and m.register_forward_hook(lambda _m, _i, out: sizes.append(tuple(out.shape[1:])))
+        )
+    )
     assert model(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).shape == (2, 10)
     assert sizes == [(16, 14, 14), (16, 14, 14), (32, 7, 7), (64, 4, 4)]
     block = ResidualBlock(8, 8).eval()

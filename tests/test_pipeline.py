@@ -1,4 +1,5 @@
 """End to end: a real `dvc repro` on a tiny subset in a copy of the repo, real MLflow stores."""
+
 import json
 import socket
 import subprocess
@@ -30,8 +31,14 @@ def test_export_writes_onnx_to_mlflow_and_the_bentoml_store(pipeline):
 
 def test_repro_writes_every_output(pipeline):
     repo, _, log = pipeline
-    for path in ["dvc.lock", "champion.json", "reports/report.md", "data/prepared/dataset.npz",
-                 "data/prepared/card.json", "data/prepared/samples.png"]:
+    for path in [
+        "dvc.lock",
+        "champion.json",
+        "reports/report.md",
+        "data/prepared/dataset.npz",
+        "data/prepared/card.json",
+        "data/prepared/samples.png",
+    ]:
         assert (repo / path).is_file(), path
     for model in ZOO:
         assert (repo / f"models/{model}/weights.pt").is_file()
@@ -59,8 +66,14 @@ def test_select_writes_the_pipeline_report(pipeline):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     logged = {a.path for a in client.list_artifacts(champion["run_id"], "pipeline_report/figures")}
     assert logged == {f"pipeline_report/figures/{name}" for name in figures}
-    shown = subprocess.run([str(VENV_BIN / "dvc"), "plots", "show", "--json"], cwd=repo, env=env,
-                           capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        [str(VENV_BIN / "dvc"), "plots", "show", "--json"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     shown = json.loads(shown)
     assert {f"reports/figures/{name}" for name in figures} <= set(shown["data"])
     assert not shown.get("errors")  # every plot loads, the confusion data and curves included
@@ -96,10 +109,15 @@ def test_one_mlflow_run_per_model_with_curves_metrics_and_artifacts(pipeline):
         assert r.data.tags["dvc.stage"] == f"train@{r.info.run_name}"
         assert r.data.tags["dataset.sha256"] == card["sha256"]
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "evaluation")}
-        assert {"evaluation/confusion_matrix.png", "evaluation/confusion_matrix.json",
-                "evaluation/classification_report.json", "evaluation/misclassified.png"} <= artifacts
-        models = client.search_logged_models([experiment.experiment_id],
-                                             filter_string=f"source_run_id = '{r.info.run_id}'")
+        assert {
+            "evaluation/confusion_matrix.png",
+            "evaluation/confusion_matrix.json",
+            "evaluation/classification_report.json",
+            "evaluation/misclassified.png",
+        } <= artifacts
+        models = client.search_logged_models(
+            [experiment.experiment_id], filter_string=f"source_run_id = '{r.info.run_id}'"
+        )
         assert len(models) == 1
 
 
@@ -120,10 +138,22 @@ def _free_port() -> int:
 def mlflow_server(tmp_path):
     port = _free_port()
     server = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -150,21 +180,24 @@ def test_logs_to_a_real_mlflow_server_with_identical_metrics(pipeline, mlflow_se
     run([sys.executable, "-m", "pipelines.train", model], repo, server_env)
     run([sys.executable, "-m", "pipelines.evaluate", model], repo, server_env)
     after = json.loads((repo / f"metrics/{model}.json").read_text())
-    assert {k: v for k, v in after.items() if k not in ("train_seconds", "images_per_second")} == \
-        {k: v for k, v in before.items() if k not in ("train_seconds", "images_per_second")}
+    assert {k: v for k, v in after.items() if k not in ("train_seconds", "images_per_second")} == {
+        k: v for k, v in before.items() if k not in ("train_seconds", "images_per_second")
+    }
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("fashion-mnist").experiment_id])
     assert [r.info.run_name for r in runs] == [model]
     assert runs[0].data.metrics["test_accuracy"] == pytest.approx(after["test_accuracy"])
-    assert any(a.path == "evaluation/confusion_matrix.png"
-               for a in client.list_artifacts(runs[0].info.run_id, "evaluation"))
+    assert any(
+        a.path == "evaluation/confusion_matrix.png" for a in client.list_artifacts(runs[0].info.run_id, "evaluation")
+    )
 
 
 def test_dvc_exp_run_in_a_temp_copy_logs_to_the_repo_store(pipeline):
     """`dvc exp run --temp` works in .dvc/tmp/exps/...; its runs still land in <repo>/mlflow.db."""
     repo, env, _ = pipeline
-    log = run([str(VENV_BIN / "dvc"), "exp", "run", "--temp", "-n", "mnist-quick", "-S", "data.dataset=mnist"],
-              repo, env)
+    log = run(
+        [str(VENV_BIN / "dvc"), "exp", "run", "--temp", "-n", "mnist-quick", "-S", "data.dataset=mnist"], repo, env
+    )
     assert "Ran experiment(s): mnist-quick" in log
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])

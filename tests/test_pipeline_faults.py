@@ -1,5 +1,6 @@
 """Ctrl-C in the middle of a training epoch, then `dvc repro` again: the interrupted MLflow run is marked
 KILLED (never left RUNNING), nothing half-written is trusted, and the re-run completes with correct outputs."""
+
 import contextlib
 import json
 import os
@@ -34,11 +35,17 @@ def interrupted_repro(repo: Path, env: dict) -> str:
     (what Ctrl-C in a terminal does): the interrupt lands in the middle of epoch 2."""
     log = repo.parent / "interrupted-repro.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([str(VENV_BIN / "dvc"), "repro"], cwd=repo, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True,
-                                   # a terminal's Ctrl-C, even where the runner started us with SIGINT ignored
-                                   # (as shells do for background jobs)
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        process = subprocess.Popen(
+            [str(VENV_BIN / "dvc"), "repro"],
+            cwd=repo,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # a terminal's Ctrl-C, even where the runner started us with SIGINT ignored
+            # (as shells do for background jobs)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         deadline = time.monotonic() + 600
         while logged_epochs(repo / "mlflow.db") < 1:
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -51,8 +58,9 @@ def interrupted_repro(repo: Path, env: dict) -> str:
 def test_interrupted_training_then_repro_completes(tmp_path):
     shared_datasets = require_shared_datasets()
     repo = copy_repo(tmp_path / "repo")
-    edit_params(repo, {"train": 12000, "test": 200}, [MODEL],
-                lambda p: p["train"].update(epochs=EPOCHS, verbose=2, patience=0))
+    edit_params(
+        repo, {"train": 12000, "test": 200}, [MODEL], lambda p: p["train"].update(epochs=EPOCHS, verbose=2, patience=0)
+    )
     env = stage_env(shared_datasets, tmp_path / "bentoml")
 
     log = interrupted_repro(repo, env)

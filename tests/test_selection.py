@@ -1,4 +1,5 @@
 """The champion is chosen on validation data only."""
+
 import pytest
 
 from training.errors import PipelineError
@@ -6,8 +7,14 @@ from training.selection import choose_champion, comparison_table
 
 
 def row(model, val, test, params):
-    return {"model": model, "val_accuracy": val, "test_accuracy": test, "parameters": params,
-            "train_seconds": 1.0, "images_per_second": 100.0}
+    return {
+        "model": model,
+        "val_accuracy": val,
+        "test_accuracy": test,
+        "parameters": params,
+        "train_seconds": 1.0,
+        "images_per_second": 100.0,
+    }
 
 
 def test_select_uses_validation_not_test_accuracy():

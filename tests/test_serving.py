@@ -1,4 +1,5 @@
 """The BentoML service, against a real `bentoml serve` process on loopback."""
+
 import io
 import json
 import os
@@ -43,16 +44,21 @@ def offline(model):
 
 
 def test_binds_only_where_told(server):
-    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and
-                 c.laddr.port == server.port]
+    listening = [
+        c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port
+    ]
     assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}
 
 
 def test_pickle_bodies_are_refused(server):
     import pickle
 
-    response = requests.post(f"{server.url}/predict_batch", data=pickle.dumps({"images": [[0] * 784]}), timeout=10,
-                             headers={"content-type": "application/vnd.bentoml+pickle"})
+    response = requests.post(
+        f"{server.url}/predict_batch",
+        data=pickle.dumps({"images": [[0] * 784]}),
+        timeout=10,
+        headers={"content-type": "application/vnd.bentoml+pickle"},
+    )
     assert response.status_code == 415, response.text
 
 
@@ -80,22 +86,26 @@ def _has_gpu() -> bool:
 
 
 def test_predict_a_png_of_a_test_image(server, model, offline):
-    response = requests.post(f"{server.url}/predict", files={"image": ("shoe.png", png(model["x"][0, 0]))},
-                             timeout=10)
+    response = requests.post(f"{server.url}/predict", files={"image": ("shoe.png", png(model["x"][0, 0]))}, timeout=10)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["label"] == int(offline[0].argmax())
-    assert body["class_name"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                                  "Sneaker", "Bag", "Ankle boot"][body["label"]]
+    assert (
+        body["class_name"]
+        == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"][
+            body["label"]
+        ]
+    )
     assert body["confidence"] == pytest.approx(float(offline[0].max()), abs=1e-5)
-    assert [t["class_name"] for t in body["top_k"]][0] == body["class_name"]
+    assert body["top_k"][0]["class_name"] == body["class_name"]
     assert len(body["top_k"]) == 3
 
 
 def test_predict_details_give_every_probability_and_the_model_input(server, model, offline):
     """What the demo page draws: all classes in order and the 28x28 pixels the model took."""
-    response = requests.post(f"{server.url}/predict?details=true", files={"image": ("x.png", png(model["x"][1, 0]))},
-                             timeout=10)
+    response = requests.post(
+        f"{server.url}/predict?details=true", files={"image": ("x.png", png(model["x"][1, 0]))}, timeout=10
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert [p["class_name"] for p in body["probabilities"]][:2] == ["T-shirt/top", "Trouser"]
@@ -125,8 +135,9 @@ def test_predict_other_formats_sizes_and_light_backgrounds(server, model, offlin
     big = Image.fromarray(255 - model["x"][index, 0]).resize((280, 420)).convert("RGB")
     buffer = io.BytesIO()
     big.save(buffer, format=fmt)
-    response = requests.post(f"{server.url}/predict", files={"image": (f"x.{fmt.lower()}", buffer.getvalue())},
-                             timeout=10)
+    response = requests.post(
+        f"{server.url}/predict", files={"image": (f"x.{fmt.lower()}", buffer.getvalue())}, timeout=10
+    )
     assert response.status_code == 200, response.text
     assert response.json()["class_name"] == "Trouser"
 
@@ -142,6 +153,7 @@ def test_predict_batch_returns_one_result_per_image_in_order(server, model, offl
 
 def test_served_accuracy_equals_offline_onnx_accuracy(server, model, offline):
     """1,000 test images as PNG uploads, 16 at a time, against the ONNX model run offline."""
+
     def post(i):
         r = requests.post(f"{server.url}/predict", files={"image": ("x.png", png(model["x"][i, 0]))}, timeout=60)
         assert r.status_code == 200, r.text
@@ -158,8 +170,9 @@ def test_served_accuracy_equals_offline_onnx_accuracy(server, model, offline):
 
 def test_concurrent_requests_are_batched(server, model):
     def post(i):
-        return requests.post(f"{server.url}/predict", files={"image": ("x.png", png(model["x"][i % 100, 0]))},
-                             timeout=60).status_code
+        return requests.post(
+            f"{server.url}/predict", files={"image": ("x.png", png(model["x"][i % 100, 0]))}, timeout=60
+        ).status_code
 
     with ThreadPoolExecutor(64) as pool:
         assert set(pool.map(post, range(512))) == {200}
@@ -216,8 +229,12 @@ BAD_BATCHES = {
 @pytest.mark.parametrize("case", sorted(BAD_BATCHES))
 def test_bad_batches_are_400_with_a_message(server, case):
     body, message = BAD_BATCHES[case]
-    response = requests.post(f"{server.url}/predict_batch", timeout=30, headers={"content-type": "application/json"},
-                             data=body if isinstance(body, str) else json.dumps(body))
+    response = requests.post(
+        f"{server.url}/predict_batch",
+        timeout=30,
+        headers={"content-type": "application/json"},
+        data=body if isinstance(body, str) else json.dumps(body),
+    )
     assert response.status_code == 400, response.text
     assert message in response.text
 
@@ -231,35 +248,45 @@ def test_body_over_the_size_limit_is_413(server):
         for _ in range(5):
             yield b"0" * (MAX_BODY // 4)
 
-    response = requests.post(f"{server.url}/predict_batch", data=chunks(), timeout=30,
-                             headers={"content-type": "application/json"})
+    response = requests.post(
+        f"{server.url}/predict_batch", data=chunks(), timeout=30, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413 and "request body too large" in response.text
 
 
 def test_wrong_content_type_is_415_and_missing_field_400(server, model):
-    missing = requests.post(f"{server.url}/predict", files={"picture": ("x.png", png(model["x"][0, 0]))},
-                            timeout=10)
+    missing = requests.post(f"{server.url}/predict", files={"picture": ("x.png", png(model["x"][0, 0]))}, timeout=10)
     assert missing.status_code == 400 and "missing multipart field `image`" in missing.text
-    extra = requests.post(f"{server.url}/predict", timeout=10,
-                          files={"image": ("x.png", png(model["x"][0, 0])), "more": ("y", b"\x89binary")})
+    extra = requests.post(
+        f"{server.url}/predict",
+        timeout=10,
+        files={"image": ("x.png", png(model["x"][0, 0])), "more": ("y", b"\x89binary")},
+    )
     assert extra.status_code == 400 and "unexpected multipart fields ['more']" in extra.text
     as_text = requests.post(f"{server.url}/predict", files={"image": (None, "not a file")}, timeout=10)
     assert as_text.status_code == 400 and "must be a file upload" in as_text.text
     as_json = requests.post(f"{server.url}/predict", json={"image": "x.png"}, timeout=10)
     assert as_json.status_code == 415 and "multipart/form-data" in as_json.json()["error"], as_json.text
-    plain_text = requests.post(f"{server.url}/predict_batch", data="images=1", timeout=10,
-                               headers={"content-type": "text/plain"})
+    plain_text = requests.post(
+        f"{server.url}/predict_batch", data="images=1", timeout=10, headers={"content-type": "text/plain"}
+    )
     assert plain_text.status_code == 415 and "application/json" in plain_text.json()["error"], plain_text.text
-    raw_png = requests.post(f"{server.url}/predict", data=png(model["x"][0, 0]), timeout=10,
-                            headers={"content-type": "image/png"})
+    raw_png = requests.post(
+        f"{server.url}/predict", data=png(model["x"][0, 0]), timeout=10, headers={"content-type": "image/png"}
+    )
     assert raw_png.status_code == 415, raw_png.text
-    broken = requests.post(f"{server.url}/predict", data=b"--xyz\r\nnot multipart", timeout=10,
-                           headers={"content-type": "multipart/form-data; boundary=xyz"})
+    broken = requests.post(
+        f"{server.url}/predict",
+        data=b"--xyz\r\nnot multipart",
+        timeout=10,
+        headers={"content-type": "multipart/form-data; boundary=xyz"},
+    )
     assert broken.status_code == 400, broken.text
 
 
 def test_one_bad_request_never_fails_the_others_batched_with_it(server, model, offline):
     """Bad uploads are refused before batching, so the good requests sent with them all succeed."""
+
     def post(i):
         data = _bad_png() if i % 4 == 0 else png(model["x"][i, 0])
         r = requests.post(f"{server.url}/predict", files={"image": ("x.png", data)}, timeout=60)
@@ -283,11 +310,22 @@ def test_openapi_docs_have_request_examples(server):
 def test_bentoml_build_packages_the_model_and_the_bento_serves(model, tmp_path):
     """The environment alone builds the bento: with only system directories on the PATH (not even
     .venv/bin), no uv or pip that a developer installed by hand can stand in for a missing dependency."""
-    env = {**os.environ, "BENTOML_HOME": str(model["home"]), "BENTOML_DO_NOT_TRACK": "true",
-           "BENTO_MODEL_TAG": f"{MODEL_NAME}:latest", "PATH": SYSTEM_PATH}
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(model["home"]),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "BENTO_MODEL_TAG": f"{MODEL_NAME}:latest",
+        "PATH": SYSTEM_PATH,
+    }
     bentoml = str(Path(sys.executable).parent / "bentoml")
-    done = subprocess.run([bentoml, "build", "--output", "tag"], cwd=Path(__file__).parents[1], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [bentoml, "build", "--output", "tag"],
+        cwd=Path(__file__).parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     info = subprocess.run([bentoml, "get", tag, "-o", "json"], env=env, capture_output=True, text=True, check=True)

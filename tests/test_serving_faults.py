@@ -1,5 +1,6 @@
 """Faults around a real `bentoml serve`: a worker killed under load, SIGTERM with requests in flight, a
 missing or corrupt model file, and the security settings of the service and the bento."""
+
 import io
 import re
 import signal
@@ -77,8 +78,10 @@ def test_a_killed_worker_is_replaced_and_the_service_recovers_by_itself(served_m
     assert all(status == 200 and label == expected for _, status, label in answered)  # never a 5xx
     after = [o for o in outcomes if o[0] > recovered_at + 1]
     assert len(after) > 50 and all(status == 200 for _, status, _ in after)
-    print(f"worker replaced and ready {recovered_at - killed_at:.1f} s after kill -9; "
-          f"{len(outcomes) - len(answered)} of {len(outcomes)} requests lost with the killed worker")
+    print(
+        f"worker replaced and ready {recovered_at - killed_at:.1f} s after kill -9; "
+        f"{len(outcomes) - len(answered)} of {len(outcomes)} requests lost with the killed worker"
+    )
 
 
 def test_sigterm_drains_requests_in_flight_before_exit(served_model, tmp_path):
@@ -116,10 +119,11 @@ def test_a_missing_or_corrupt_model_file_keeps_the_service_from_becoming_ready(s
         path.unlink()
     else:
         data = bytearray(path.read_bytes())
-        data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # weights silently zeroed: still a valid file
+        data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # weights silently zeroed: still a valid file
         path.write_bytes(bytes(data))
-    server = LocalServer("serving.service:Classifier", tmp_path / "serve.log", BENTOML_HOME=str(home),
-                         BENTO_MODEL_TAG=tag)
+    server = LocalServer(
+        "serving.service:Classifier", tmp_path / "serve.log", BENTOML_HOME=str(home), BENTO_MODEL_TAG=tag
+    )
     with pytest.raises(RuntimeError, match="failed to start"):
         server.wait_ready(timeout=120)
     log = (tmp_path / "serve.log").read_text()
@@ -130,8 +134,12 @@ def test_a_missing_or_corrupt_model_file_keeps_the_service_from_becoming_ready(s
 def test_no_unpickling_of_untrusted_data_in_the_code():
     """Weights load with weights_only=True, arrays without pickles, and nothing calls pickle directly."""
     problems = []
-    for path in [*REPO.glob("training/*.py"), *REPO.glob("serving/*.py"), *REPO.glob("pipelines/*.py"),
-                 *REPO.glob("benchmarks/*.py")]:
+    for path in [
+        *REPO.glob("training/*.py"),
+        *REPO.glob("serving/*.py"),
+        *REPO.glob("pipelines/*.py"),
+        *REPO.glob("benchmarks/*.py"),
+    ]:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             where = f"{path.relative_to(REPO)}:{number}: {line.strip()}"
             if re.search(r"\b(pickle|cloudpickle|dill|joblib)\b", line) or "allow_pickle=True" in line:
@@ -139,4 +147,3 @@ def test_no_unpickling_of_untrusted_data_in_the_code():
             if "torch.load(" in line and "weights_only=True" not in line:
                 problems.append(where)
     assert problems == []
-

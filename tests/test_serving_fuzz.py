@@ -1,5 +1,6 @@
 """Generated malformed requests against a real `bentoml serve`: never a 5xx, and the service still answers
 correctly afterwards. Hypothesis builds the requests (derandomized, so a failure reproduces)."""
+
 import json
 import socket
 
@@ -20,8 +21,9 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=40,
 )
-pixel_rows = st.lists(st.one_of(st.integers(-300, 300), st.floats(-1, 300, allow_nan=False), st.booleans()),
-                      min_size=0, max_size=30)
+pixel_rows = st.lists(
+    st.one_of(st.integers(-300, 300), st.floats(-1, 300, allow_nan=False), st.booleans()), min_size=0, max_size=30
+)
 near_images = st.one_of(  # almost-valid images: wrong sizes, values out of range, wrong nesting
     st.lists(pixel_rows, min_size=0, max_size=30),
     st.lists(st.integers(-5, 300), min_size=780, max_size=790),
@@ -32,11 +34,14 @@ batch_bodies = st.one_of(
     st.builds(lambda value: json.dumps(value).encode(), json_values),
     st.binary(max_size=300),
 )
-multipart_parts = st.lists(st.tuples(
-    st.sampled_from(["image", "images", "file", "", "image\"", "imáge"]),
-    st.one_of(st.none(), st.sampled_from(["x.png", "", "../../etc/passwd", "a\"b.png"])),
-    st.one_of(st.binary(max_size=400), st.just(png(np.zeros((28, 28)))[:40]), st.just(b"GIF89a" + b"\0" * 30)),
-), max_size=3)
+multipart_parts = st.lists(
+    st.tuples(
+        st.sampled_from(["image", "images", "file", "", 'image"', "imáge"]),
+        st.one_of(st.none(), st.sampled_from(["x.png", "", "../../etc/passwd", 'a"b.png'])),
+        st.one_of(st.binary(max_size=400), st.just(png(np.zeros((28, 28)))[:40]), st.just(b"GIF89a" + b"\0" * 30)),
+    ),
+    max_size=3,
+)
 
 
 def multipart(parts: list, boundary: str) -> bytes:
@@ -48,25 +53,45 @@ def multipart(parts: list, boundary: str) -> bytes:
 
 
 predict_requests = st.one_of(
-    st.builds(lambda parts, b: ("/predict", f"multipart/form-data; boundary={b}", multipart(parts, b)),
-              multipart_parts, st.sampled_from(["xyz", "----b", "a" * 70])),
-    st.tuples(st.just("/predict"), st.sampled_from(["multipart/form-data", "multipart/form-data; boundary=",
-                                                     "image/png", "application/json", "text/plain", ""]),
-              st.binary(max_size=300)),
+    st.builds(
+        lambda parts, b: ("/predict", f"multipart/form-data; boundary={b}", multipart(parts, b)),
+        multipart_parts,
+        st.sampled_from(["xyz", "----b", "a" * 70]),
+    ),
+    st.tuples(
+        st.just("/predict"),
+        st.sampled_from(
+            ["multipart/form-data", "multipart/form-data; boundary=", "image/png", "application/json", "text/plain", ""]
+        ),
+        st.binary(max_size=300),
+    ),
 )
-batch_requests = st.tuples(st.just("/predict_batch"),
-                           st.sampled_from(["application/json", "application/json; charset=latin-1", "text/plain",
-                                            "application/vnd.bentoml+pickle", "multipart/form-data", ""]),
-                           batch_bodies)
-other_requests = st.tuples(st.sampled_from(["/predict/", "/predict_batch?images=1", "/model", "/infer", "/%00",
-                                            "/docs.json"]),
-                           st.sampled_from(["application/json", ""]), st.binary(max_size=100))
+batch_requests = st.tuples(
+    st.just("/predict_batch"),
+    st.sampled_from(
+        [
+            "application/json",
+            "application/json; charset=latin-1",
+            "text/plain",
+            "application/vnd.bentoml+pickle",
+            "multipart/form-data",
+            "",
+        ]
+    ),
+    batch_bodies,
+)
+other_requests = st.tuples(
+    st.sampled_from(["/predict/", "/predict_batch?images=1", "/model", "/infer", "/%00", "/docs.json"]),
+    st.sampled_from(["application/json", ""]),
+    st.binary(max_size=100),
+)
 
 
 @pytest.fixture(scope="module")
 def server(served_model, tmp_path_factory):
-    with serving(served_model, tmp_path_factory.mktemp("logs") / "serve.log",
-                 SERVING_MAX_BODY_BYTES=str(MAX_BODY)) as srv:
+    with serving(
+        served_model, tmp_path_factory.mktemp("logs") / "serve.log", SERVING_MAX_BODY_BYTES=str(MAX_BODY)
+    ) as srv:
         yield srv
 
 
@@ -74,8 +99,9 @@ def test_malformed_requests_never_get_a_5xx(server, served_model):
     statuses = []
     session = requests.Session()
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(st.one_of(predict_requests, batch_requests, other_requests))
     def send(request):
         path, content_type, body = request
@@ -95,9 +121,12 @@ def test_malformed_requests_never_get_a_5xx(server, served_model):
 
 
 def test_malformed_http_gets_a_4xx_and_the_service_keeps_serving(server, served_model):
-    for raw in (b"GARBAGE\r\n\r\n", b"POST /predict HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
-                b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-                b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
+    for raw in (
+        b"GARBAGE\r\n\r\n",
+        b"POST /predict HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+    ):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
             s.sendall(raw)
             reply = s.recv(200)

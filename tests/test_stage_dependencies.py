@@ -1,5 +1,6 @@
 """Every DVC stage depends on exactly the project files its command imports, so that `dvc repro`
 re-runs a stage whenever code it runs changes, and only then."""
+
 from __future__ import annotations
 
 import ast

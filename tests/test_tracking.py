@@ -1,4 +1,5 @@
 """Where MLflow runs go, also from the temp copies `dvc exp run --temp/--queue` works in."""
+
 import pytest
 
 from training import tracking
@@ -25,7 +26,10 @@ def test_environment_variable_switches_to_a_server(monkeypatch):
 
 def test_flatten_nested_params():
     assert tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
-        "a.b": "1", "a.c.d": "[1, 2]", "e": "None"}
+        "a.b": "1",
+        "a.c.d": "[1, 2]",
+        "e": "None",
+    }
 
 
 def test_resuming_a_run_the_store_lacks_is_a_clear_error(monkeypatch, tmp_path):
@@ -33,6 +37,8 @@ def test_resuming_a_run_the_store_lacks_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     tracking.setup("fashion-mnist")
-    with pytest.raises(PipelineError, match=rf"run 0+, .* not in the tracking store sqlite:///{tmp_path}/mlflow.db"):
-        with tracking.start_run(run_id="0" * 32):
-            pass
+    with (
+        pytest.raises(PipelineError, match=rf"run 0+, .* not in the tracking store sqlite:///{tmp_path}/mlflow.db"),
+        tracking.start_run(run_id="0" * 32),
+    ):
+        pass

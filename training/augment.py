@@ -1,4 +1,5 @@
 """Batched data augmentation on uint8 image tensors [N,1,H,W]: cheap enough to run every step."""
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,13 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator, p: float = 0.
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
-def random_erase(images: torch.Tensor, p: float, generator: torch.Generator,
-                 area: tuple[float, float] = (0.02, 0.25), aspect: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+def random_erase(
+    images: torch.Tensor,
+    p: float,
+    generator: torch.Generator,
+    area: tuple[float, float] = (0.02, 0.25),
+    aspect: tuple[float, float] = (0.3, 3.3),
+) -> torch.Tensor:
     """Black out one random rectangle (a fraction `area` of the image, log-uniform aspect ratio) in a
     fraction `p` of the images: the model must not rely on any single part of a garment."""
     if p <= 0:
@@ -55,7 +61,10 @@ def random_erase(images: torch.Tensor, p: float, generator: torch.Generator,
 
 
 def augment_batch(
-    images: torch.Tensor, generator: torch.Generator, translate: int = 0, hflip: bool = False,
+    images: torch.Tensor,
+    generator: torch.Generator,
+    translate: int = 0,
+    hflip: bool = False,
     erase: float = 0.0,
 ) -> torch.Tensor:
     """Random crop with zero padding (`translate` pixels), horizontal flip, random erasing, in that order."""

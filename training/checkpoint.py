@@ -1,4 +1,5 @@
 """Trained weights on disk: written atomically, read back with `weights_only=True` (no unpickling)."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 
 params.yaml holds every default; the dataclasses here have none, so a value lives in exactly one place.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,7 +55,7 @@ Settings = TypeVar("Settings")
 
 def _check_type(value: Any, expected: Any, where: str) -> Any:
     """`value` as the settings field of type `expected` takes it; a nested group becomes its dataclass."""
-    if dataclasses.is_dataclass(expected):
+    if isinstance(expected, type) and dataclasses.is_dataclass(expected):
         return build(expected, value, where)
     origin = typing.get_origin(expected)
     if origin in (Union, types.UnionType):
@@ -256,6 +257,7 @@ def preset_overrides(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, ob
 def apply_overrides(params: dict, overrides: dict[str, object]) -> dict:
     """params.yaml as it is with `overrides` set; every key must already exist (a typo is an error)."""
     params = copy.deepcopy(params)
+    node: Any
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
         node = params

@@ -1,4 +1,5 @@
 """Parse the source files (idx or CSV), split them, and store the prepared uint8 arrays."""
+
 from __future__ import annotations
 
 import gzip
@@ -45,7 +46,7 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataFormatError(f"{path}: truncated header ({len(data)} bytes, {ndim} dimensions)")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected_len = header + int(np.prod(shape))
     if len(data) != expected_len:
         raise DataFormatError(
@@ -108,7 +109,7 @@ def stratified_split(labels: np.ndarray, size: int | float, seed: int) -> tuple[
     quota = class_counts * count / n
     take = np.floor(quota).astype(int)
     take[np.argsort(-(quota - take), kind="stable")[: count - take.sum()]] += 1
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)]
     chosen_idx = np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=int)
     rest_idx = np.setdiff1d(np.arange(n), chosen_idx)
     return rest_idx, chosen_idx
@@ -129,11 +130,11 @@ class Prepared:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **self.arrays)
+        np.savez(tmp, **self.arrays)  # type: ignore[arg-type]  # numpy's stub reads every keyword as allow_pickle
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "Prepared":
+    def load(cls, path: Path) -> Prepared:
         with np.load(path, allow_pickle=False) as f:
             return cls({k: f[k] for k in f.files})
 
@@ -184,11 +185,16 @@ def prepare_dataset(settings: DataSettings, raw_dir: Path) -> PreparedDataset:
     x_pool, y_pool = subset(x_pool, y_pool, settings.subset.train, settings.seed)
     x_test, y_test = subset(x_test, y_test, settings.subset.test, settings.seed)
     train_idx, val_idx = stratified_split(y_pool, settings.val_size, settings.seed)
-    prepared = Prepared({
-        "x_train": x_pool[train_idx], "y_train": y_pool[train_idx],
-        "x_val": x_pool[val_idx], "y_val": y_pool[val_idx],
-        "x_test": x_test, "y_test": y_test,
-    })
+    prepared = Prepared(
+        {
+            "x_train": x_pool[train_idx],
+            "y_train": y_pool[train_idx],
+            "x_val": x_pool[val_idx],
+            "y_val": y_pool[val_idx],
+            "x_test": x_test,
+            "y_test": y_test,
+        }
+    )
     train_pixels = prepared.images("train").astype(np.float32) / 255.0
     card = {
         "dataset": spec.name,
@@ -198,9 +204,9 @@ def prepare_dataset(settings: DataSettings, raw_dir: Path) -> PreparedDataset:
         "sha256": prepared.digest(),
         "pixel_mean": float(train_pixels.mean()),
         "pixel_std": float(train_pixels.std()),
-        "images": {split: int(len(prepared.labels(split))) for split in SPLITS},
+        "images": {split: len(prepared.labels(split)) for split in SPLITS},
         "per_class": {
-            split: dict(zip(spec.class_names, class_counts(prepared.labels(split), num_classes)))
+            split: dict(zip(spec.class_names, class_counts(prepared.labels(split), num_classes), strict=True))
             for split in SPLITS
         },
     }

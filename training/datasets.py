@@ -1,4 +1,5 @@
 """The single source of truth for the datasets: official files, checksums, classes, image shape."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,8 +40,16 @@ DATASETS: dict[str, DatasetSpec] = {
             TEST_LABELS: "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
         },
         class_names=(
-            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
         ),
         hflip_ok=True,
         upload_fit=28,  # Fashion-MNIST: trimmed products scaled to 28 on the longest side

@@ -3,12 +3,13 @@
 Every rank walks the same shuffled order and draws the same augmentations for the whole global batch,
 then takes its own slice of it, so N processes see what one process with the same batch size sees.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ class Distributed:
         return self.world_size > 1
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch[self.rank:: self.world_size] if self.enabled else batch
+        return batch[self.rank :: self.world_size] if self.enabled else batch
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         if self.enabled:

@@ -2,6 +2,7 @@
 
 A stage reports one of these as one line naming what is wrong; anything else is a bug and keeps its
 traceback."""
+
 from __future__ import annotations
 
 

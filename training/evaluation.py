@@ -1,7 +1,9 @@
 """Predictions and metrics: accuracy, loss, confusion matrix, per-class report."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    outputs = [model(images[i: i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    outputs = [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0, 10)
 
@@ -47,22 +49,29 @@ def classification_report(confusion: np.ndarray, class_names: list[str]) -> dict
     recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    report = {
+    report: dict[str, Any] = {
         name: {"precision": p, "recall": r, "f1": f, "support": int(s)}
-        for name, p, r, f, s in zip(class_names, precision, recall, f1, support)
+        for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
     }
     total = support.sum()
     weights = support / total if total else np.zeros_like(support)
     report["macro avg"] = {
-        "precision": precision.mean(), "recall": recall.mean(), "f1": f1.mean(), "support": int(total)
+        "precision": precision.mean(),
+        "recall": recall.mean(),
+        "f1": f1.mean(),
+        "support": int(total),
     }
     report["weighted avg"] = {
-        "precision": float(precision @ weights), "recall": float(recall @ weights),
-        "f1": float(f1 @ weights), "support": int(total),
+        "precision": float(precision @ weights),
+        "recall": float(recall @ weights),
+        "f1": float(f1 @ weights),
+        "support": int(total),
     }
     report["accuracy"] = float(tp.sum() / total) if total else 0.0
-    return {k: ({m: float(v) if m != "support" else v for m, v in d.items()} if isinstance(d, dict) else d)
-            for k, d in report.items()}
+    return {
+        k: ({m: float(v) if m != "support" else v for m, v in d.items()} if isinstance(d, dict) else d)
+        for k, d in report.items()
+    }
 
 
 @dataclass
@@ -77,8 +86,9 @@ class Evaluation:
     report: dict
 
 
-def evaluate_model(net: torch.nn.Module, prepared: Prepared, class_names: list[str], flip_tta: bool,
-                   batch_size: int) -> Evaluation:
+def evaluate_model(
+    net: torch.nn.Module, prepared: Prepared, class_names: list[str], flip_tta: bool, batch_size: int
+) -> Evaluation:
     """Score `net` on both held-out splits; with `flip_tta` its logits are averaged over each image and its
     mirror image, exactly as the exported FlipAveraged graph computes them, from the same two passes."""
 
@@ -102,5 +112,6 @@ def evaluate_model(net: torch.nn.Module, prepared: Prepared, class_names: list[s
     confidence, predicted = test_logits.softmax(1).max(1)
     actual = test_labels.numpy()
     confusion = confusion_matrix(actual, predicted.numpy(), len(class_names))
-    return Evaluation(scores, actual, predicted.numpy(), confidence.numpy(), confusion,
-                      classification_report(confusion, class_names))
+    return Evaluation(
+        scores, actual, predicted.numpy(), confidence.numpy(), confusion, classification_report(confusion, class_names)
+    )

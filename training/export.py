@@ -1,4 +1,5 @@
 """Export a trained model to one self-contained ONNX file that carries everything serving needs."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,10 @@ class ServingModel(torch.nn.Module):
 
 def input_spec() -> dict:
     return {
-        "name": INPUT_NAME, "dtype": "uint8", "shape": ["N", *IMAGE_SHAPE], "range": [0, 255],
+        "name": INPUT_NAME,
+        "dtype": "uint8",
+        "shape": ["N", *IMAGE_SHAPE],
+        "range": [0, 255],
         "layout": "grey, light object on a black background, centred, 28x28",
     }
 
@@ -47,10 +51,16 @@ def export_onnx(net: torch.nn.Module, path: Path, metadata: dict[str, object]) -
     example = torch.zeros(2, *IMAGE_SHAPE, dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     program = torch.onnx.export(
-        model, (example,), dynamo=True, external_data=False, optimize=True,
-        input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+        model,
+        (example,),
+        dynamo=True,
+        external_data=False,
+        optimize=True,
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
         dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1 << 20)}},
     )
+    assert program is not None  # dynamo=True always returns the program
     proto = program.model_proto
     props = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     props["input_spec"] = json.dumps(input_spec())
@@ -63,8 +73,14 @@ def export_onnx(net: torch.nn.Module, path: Path, metadata: dict[str, object]) -
     return path
 
 
-def check_parity(net: torch.nn.Module, path: Path, images: np.ndarray, batch_size: int = 1000,
-                 atol: float = PARITY_ATOL, progress: bool = False) -> dict[str, float]:
+def check_parity(
+    net: torch.nn.Module,
+    path: Path,
+    images: np.ndarray,
+    batch_size: int = 1000,
+    atol: float = PARITY_ATOL,
+    progress: bool = False,
+) -> dict[str, float]:
     """Compare ONNX Runtime (CPU) with PyTorch on every image; raise unless argmax agrees everywhere
     and probabilities differ by at most `atol`."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -72,7 +88,7 @@ def check_parity(net: torch.nn.Module, path: Path, images: np.ndarray, batch_siz
     max_diff, disagreements = 0.0, 0
     starts = range(0, len(images), batch_size)
     for start in progress_of(starts, "parity check", unit="batch") if progress else starts:
-        batch = images[start: start + batch_size]
+        batch = images[start : start + batch_size]
         with torch.no_grad():
             expected = torch.softmax(net(torch.from_numpy(batch)), dim=1).numpy()
         got = session.run(["probabilities"], {INPUT_NAME: batch})[0]

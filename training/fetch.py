@@ -1,4 +1,5 @@
 """Download the official dataset files: mirror first, checksum-verified, atomic, with retries."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +8,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 import requests
@@ -66,8 +68,8 @@ def _open_source(source: str, name: str, timeout: float) -> tuple[BinaryIO, int 
             raise ConnectionError(f"HTTP {response.status_code} for {url}")
         size = response.headers.get("content-length")
         response.raw.decode_content = False  # keep the .gz bytes exactly as served
-        return response.raw, int(size) if size else None
-    folder = Path(source[len("file://"):] if source.startswith("file://") else source)
+        return response.raw, int(size) if size else None  # type: ignore[return-value]  # urllib3's stream is a BinaryIO
+    folder = Path(source[len("file://") :] if source.startswith("file://") else source)
     path = folder / name
     if not path.is_file():
         raise _PermanentError(f"no file {path}")
@@ -81,9 +83,11 @@ def _download_once(source: str, name: str, expected: str, dest: Path, timeout: f
     tmp = Path(tmp_name)
     try:
         digest = hashlib.sha256()
-        with stream, os.fdopen(fd, "wb") as out, tqdm(
-            total=size, unit="B", unit_scale=True, desc=name, disable=not progress, leave=False
-        ) as bar:
+        with (
+            stream,
+            os.fdopen(fd, "wb") as out,
+            tqdm(total=size, unit="B", unit_scale=True, desc=name, disable=not progress, leave=False) as bar,
+        ):
             for chunk in iter(lambda: stream.read(CHUNK), b""):
                 out.write(chunk)
                 digest.update(chunk)

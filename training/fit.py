@@ -1,4 +1,5 @@
 """One zoo model trained as one MLflow run: params, per-epoch curves, summary metrics and the model logged."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,34 +26,46 @@ class TrainedModel:
     summary: dict
 
 
-def train_zoo_model(params: Params, name: str, prepared: Prepared, card: dict,
-                    distributed: Distributed) -> TrainedModel | None:
+def train_zoo_model(
+    params: Params, name: str, prepared: Prepared, card: dict, distributed: Distributed
+) -> TrainedModel | None:
     """Train zoo model `name` on the prepared data; the main rank logs it to MLflow and gets the result,
     any other torchrun rank trains its shard and gets None."""
     config = params.train_config(name)
     options = params.architecture_options(name)
     seed_everything(config.seed)
     model = build_model(name, options, card["pixel_mean"], card["pixel_std"])
-    x_train, y_train, x_val, y_val = (torch.from_numpy(prepared.arrays[k])
-                                      for k in ("x_train", "y_train", "x_val", "y_val"))
+    x_train, y_train, x_val, y_val = (
+        torch.from_numpy(prepared.arrays[k]) for k in ("x_train", "y_train", "x_val", "y_val")
+    )
     if not distributed.is_main:
         train(model, x_train, y_train, x_val, y_val, config, desc=name, distributed=distributed)
         return None
     n_params = count_parameters(model)
     tracking.setup(params.experiment_name)
     with tracking.start_run(run_name=name, tags=tracking.run_tags(card["sha256"])) as active:
-        mlflow.log_params(tracking.flatten({
-            "model": {"name": name, **options}, "train": dataclasses.asdict(config),
-            "data": dataclasses.asdict(params.data),
-        }))
+        mlflow.log_params(
+            tracking.flatten(
+                {
+                    "model": {"name": name, **options},
+                    "train": dataclasses.asdict(config),
+                    "data": dataclasses.asdict(params.data),
+                }
+            )
+        )
         mlflow.log_params({"model.parameters": n_params, "distributed.world_size": distributed.world_size})
         result = train(
-            model, x_train, y_train, x_val, y_val, config,
-            on_epoch_end=lambda record: mlflow.log_metrics(
-                {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"]),
-            desc=name, distributed=distributed,
+            model,
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            config,
+            on_epoch_end=log_epoch,
+            desc=name,
+            distributed=distributed,
         )
-        trained = result.model.cpu().to(memory_format=torch.contiguous_format).eval()
+        trained = result.model.cpu().to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
         best = result.history[result.best_epoch - 1]
         summary = {
             "model": name,
@@ -71,10 +84,19 @@ def train_zoo_model(params: Params, name: str, prepared: Prepared, card: dict,
 
 def log_trained_model(model: torch.nn.Module, summary: dict, example: np.ndarray) -> str:
     """The summary metrics and the model (PyTorch 2 program, with an input example) in the active run."""
-    mlflow.log_metrics({k: float(summary[k]) for k in
-                        ("best_val_accuracy", "best_epoch", "train_seconds", "images_per_second")})
+    mlflow.log_metrics(
+        {k: float(summary[k]) for k in ("best_val_accuracy", "best_epoch", "train_seconds", "images_per_second")}
+    )
     info = mlflow.pytorch.log_model(
-        model, name="model", input_example=example, serialization_format="pt2",
+        model,
+        name="model",
+        input_example=example,
+        serialization_format="pt2",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
     )
     return info.model_uri
+
+
+def log_epoch(record: dict) -> None:
+    """One epoch's curves in the active run, at step = epoch."""
+    mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])

@@ -3,9 +3,10 @@
 Every model starts with `Normalize`, so it takes raw pixels (uint8 or float, 0-255) of shape
 [N,1,28,28]: the preprocessing lives inside the network and travels with it to MLflow and ONNX.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ INITS = ("he", "xavier", "zeros")
 
 class Normalize(nn.Module):
     """Raw pixels 0-255 to standardised floats, with the training set's mean and std."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, mean: float, std: float):
         super().__init__()
@@ -46,7 +50,7 @@ def _conv_bn_act(c_in: int, c_out: int, activation: str, batch_norm: bool) -> li
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
     if batch_norm:
         layers.append(nn.BatchNorm2d(c_out))
-    return layers + [_act(activation)]
+    return [*layers, _act(activation)]
 
 
 def mlp_linear(hidden: int, **_) -> nn.Sequential:
@@ -71,9 +75,14 @@ def mlp(hidden: list[int], activation: str = "relu", dropout: float = 0.0, batch
 def cnn_basic(activation: str = "relu", batch_norm: bool = False, dropout: float = 0.0, **_):
     """The course's first CNN: (conv-act-maxpool) x2, then a 128-unit dense layer."""
     return nn.Sequential(
-        *_conv_bn_act(1, 32, activation, batch_norm), nn.MaxPool2d(2),
-        *_conv_bn_act(32, 64, activation, batch_norm), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), _act(activation), nn.Dropout(dropout),
+        *_conv_bn_act(1, 32, activation, batch_norm),
+        nn.MaxPool2d(2),
+        *_conv_bn_act(32, 64, activation, batch_norm),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128),
+        _act(activation),
+        nn.Dropout(dropout),
         nn.Linear(128, NUM_CLASSES),
     )
 
@@ -120,7 +129,7 @@ class ResidualBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         nn.init.zeros_(self.bn2.weight)
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
 
@@ -129,15 +138,24 @@ class ResidualBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def resnet(stem: int = 32, widths: list[int] = (64, 128, 256), blocks: list[int] = (1, 1, 1),
-           stem_stride: int = 2, dropout: float = 0.0, **_):
+def resnet(
+    stem: int = 32,
+    widths: Sequence[int] = (64, 128, 256),
+    blocks: Sequence[int] = (1, 1, 1),
+    stem_stride: int = 2,
+    dropout: float = 0.0,
+    **_,
+):
     """A small ResNet: a 3x3 stem, then stages of residual blocks, each stage after the first halving the
     resolution, global average pooling and one linear layer. With `stem_stride` 1 the first stage works
     on the full 28x28 (what buys accuracy on small images), with 2 on 14x14 (a third cheaper)."""
-    layers: list[nn.Module] = [nn.Conv2d(IMAGE_SHAPE[0], stem, 3, stride=stem_stride, padding=1, bias=False),
-                               nn.BatchNorm2d(stem), nn.ReLU()]
+    layers: list[nn.Module] = [
+        nn.Conv2d(IMAGE_SHAPE[0], stem, 3, stride=stem_stride, padding=1, bias=False),
+        nn.BatchNorm2d(stem),
+        nn.ReLU(),
+    ]
     c_in = stem
-    for stage, (width, count) in enumerate(zip(widths, blocks)):
+    for stage, (width, count) in enumerate(zip(widths, blocks, strict=True)):
         for index in range(count):
             layers.append(ResidualBlock(c_in, width, stride=2 if stage and not index else 1))
             c_in = width
@@ -146,7 +164,7 @@ def resnet(stem: int = 32, widths: list[int] = (64, 128, 256), blocks: list[int]
 
 
 # name -> (builder, the architecture's fixed shape); params.yaml adds the tunable options
-ZOO: dict[str, tuple[Callable[..., nn.Module], dict]] = {
+ZOO: dict[str, tuple[Callable[..., nn.Sequential], dict]] = {
     "mlp_linear_1": (mlp_linear, {"hidden": 1}),
     "mlp_linear_10": (mlp_linear, {"hidden": 10}),
     "mlp_relu_10": (mlp, {"hidden": [10]}),

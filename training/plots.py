@@ -1,4 +1,5 @@
 """Figures people look at: sample grids, confusion matrices, misclassified images, curves."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import PercentFormatter  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import PercentFormatter
 
 
 def _save(fig, path: Path) -> Path:
@@ -18,14 +19,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def sample_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path, per_class: int = 8,
-                seed: int = 0) -> Path:
+def sample_grid(
+    images: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path, per_class: int = 8, seed: int = 0
+) -> Path:
     """A row of example images per class: "show image from numbers"."""
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(len(class_names), per_class, figsize=(per_class * 0.9, len(class_names) * 0.95))
     for row, name in enumerate(class_names):
         idx = np.flatnonzero(labels == row)
-        picks = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        picks = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else np.array([], int)
         for col in range(per_class):
             ax = axes[row, col]
             ax.axis("off")
@@ -49,13 +51,27 @@ def confusion_figure(confusion: np.ndarray, class_names: list[str], title: str, 
     threshold = confusion.max() / 2 if confusion.size else 0
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if confusion[i, j] > threshold else "black")
+            ax.text(
+                j,
+                i,
+                str(confusion[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if confusion[i, j] > threshold else "black",
+            )
     return _save(fig, path)
 
 
-def misclassified_grid(images: np.ndarray, actual: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
-                       class_names: list[str], path: Path, limit: int = 36) -> Path:
+def misclassified_grid(
+    images: np.ndarray,
+    actual: np.ndarray,
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    class_names: list[str],
+    path: Path,
+    limit: int = 36,
+) -> Path:
     """The most confident mistakes first, each captioned with its actual and predicted class."""
     wrong = np.flatnonzero(actual != predicted)
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
@@ -64,11 +80,14 @@ def misclassified_grid(images: np.ndarray, actual: np.ndarray, predicted: np.nda
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, wrong):
+    for ax, i in zip(axes.flat, wrong, strict=False):
         ax.imshow(images[i].reshape(28, 28), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"true: {class_names[actual[i]]}\npred: {class_names[predicted[i]]} ({confidence[i]:.0%})",
-                     fontsize=7)
-    fig.suptitle(f"Misclassified test images ({len(wrong)} most confident)" if len(wrong) else "No misclassified images")
+        ax.set_title(
+            f"true: {class_names[actual[i]]}\npred: {class_names[predicted[i]]} ({confidence[i]:.0%})", fontsize=7
+        )
+    fig.suptitle(
+        f"Misclassified test images ({len(wrong)} most confident)" if len(wrong) else "No misclassified images"
+    )
     return _save(fig, path)
 
 
@@ -78,8 +97,10 @@ def accuracy_bars(rows: list[dict], champion: str, path: Path) -> Path:
     names = [f"{r['model']} (champion)" if r["model"] == champion else r["model"] for r in rows]
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.2))
-    for offset, key, label, colour in ((0.2, "val_accuracy", "validation", "#93c5fd"),
-                                       (-0.2, "test_accuracy", "test", "#2563eb")):
+    for offset, key, label, colour in (
+        (0.2, "val_accuracy", "validation", "#93c5fd"),
+        (-0.2, "test_accuracy", "test", "#2563eb"),
+    ):
         values = [r[key] for r in rows]
         bars = ax.barh(y + offset, values, height=0.38, label=label, color=colour)
         ax.bar_label(bars, labels=[f"{v:.2%}" for v in values], padding=3, fontsize=8)

@@ -1,4 +1,5 @@
 """Choosing the champion: by validation accuracy only, never by test accuracy."""
+
 from __future__ import annotations
 
 from training.errors import PipelineError

@@ -1,4 +1,5 @@
 """MLflow conventions: where runs go, what every run is tagged with, how params are flattened."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,11 @@ def setup(experiment: str) -> str:
         location = (repo_root() / "mlartifacts" / experiment).as_uri() if uri.startswith("sqlite:") else None
         try:
             experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
-        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-            experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+        except MlflowException:  # created meanwhile by another process
+            created = mlflow.get_experiment_by_name(experiment)
+            if created is None:
+                raise
+            experiment_id = created.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -84,9 +88,11 @@ def start_run(**kwargs):
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            raise PipelineError(f"MLflow run {kwargs['run_id']}, logged when the model was trained, is not in the "
-                             f"tracking store {mlflow.get_tracking_uri()}: point MLFLOW_TRACKING_URI at the store "
-                             "it was logged to, or retrain the model (`dvc repro --force train@<model>`)") from None
+            raise PipelineError(
+                f"MLflow run {kwargs['run_id']}, logged when the model was trained, is not in the "
+                f"tracking store {mlflow.get_tracking_uri()}: point MLFLOW_TRACKING_URI at the store "
+                "it was logged to, or retrain the model (`dvc repro --force train@<model>`)"
+            ) from None
     run = mlflow.start_run(**kwargs)
     try:
         yield run
@@ -99,8 +105,9 @@ def start_run(**kwargs):
     mlflow.end_run("FINISHED")
 
 
-def log_evaluation(run_id: str, scores: dict[str, float], report: dict, class_names: list[str],
-                   artifacts: Path) -> None:
+def log_evaluation(
+    run_id: str, scores: dict[str, float], report: dict, class_names: list[str], artifacts: Path
+) -> None:
     """An evaluated model's test metrics and evaluation artifacts, in the run that trained it (validation
     metrics are there already, per epoch)."""
     with start_run(run_id=run_id):
@@ -109,13 +116,17 @@ def log_evaluation(run_id: str, scores: dict[str, float], report: dict, class_na
         mlflow.log_artifacts(str(artifacts), artifact_path="evaluation")
 
 
-def register_champion(champion: dict, registered_model: str, alias: str, report_file: Path,
-                      figures_dir: Path) -> int:
+def register_champion(champion: dict, registered_model: str, alias: str, report_file: Path, figures_dir: Path) -> int:
     """The champion's model as a new version of `registered_model` under `alias`, its run tagged, and the
     pipeline report beside its own evaluation (the report's links keep working there); the version."""
-    version = mlflow.register_model(champion["model_uri"], registered_model, tags={
-        "val_accuracy": f"{champion['val_accuracy']:.4f}", "test_accuracy": f"{champion['test_accuracy']:.4f}",
-    })
+    version = mlflow.register_model(
+        champion["model_uri"],
+        registered_model,
+        tags={
+            "val_accuracy": f"{champion['val_accuracy']:.4f}",
+            "test_accuracy": f"{champion['test_accuracy']:.4f}",
+        },
+    )
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(registered_model, alias, version.version)
     client.set_tag(champion["run_id"], "champion", "true")

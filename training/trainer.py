@@ -1,4 +1,5 @@
 """The training loop: seeded, device-agnostic, with early stopping that restores the best weights."""
+
 from __future__ import annotations
 
 import copy
@@ -7,8 +8,8 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -18,11 +19,12 @@ from tqdm import tqdm
 
 from training.augment import augment_batch
 from training.config import TrainConfig
-from training.errors import ConfigError
 from training.distributed import SINGLE_PROCESS, Distributed
+from training.errors import ConfigError
 from training.evaluation import loss_and_accuracy, predict_logits
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class TrainResult:
@@ -52,7 +54,9 @@ def bf16_is_fast(device: torch.device) -> bool:
     """Whether bf16 autocast speeds training up here, rather than emulating bf16 slowly."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (
+        device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
@@ -75,7 +79,8 @@ def make_scheduler(config: TrainConfig, optimizer, total_steps: int):
         # cycle momentum only where the optimizer has some: it would turn plain SGD into momentum SGD
         has_momentum = "betas" in optimizer.defaults or optimizer.defaults.get("momentum", 0) > 0
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=total_steps, cycle_momentum=has_momentum)
+            optimizer, max_lr=config.lr, total_steps=total_steps, cycle_momentum=has_momentum
+        )
     return None
 
 
@@ -114,8 +119,8 @@ def train(
     else:
         torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    step_model = model
+    model = model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's stub omits it
+    step_model: Callable[..., torch.Tensor] = model
     if distributed.enabled:
         step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
@@ -138,11 +143,15 @@ def train(
         order = torch.randperm(len(x_train), generator=generator, device=device)
         totals, count = torch.zeros(2, device=device), 0  # loss sum and correct: read once per epoch
         bar = tqdm(
-            range(steps_per_epoch), desc=f"{desc} epoch {epoch}/{config.epochs}",
-            disable=verbosity != 1, leave=False, unit="batch", file=sys.stderr,
+            range(steps_per_epoch),
+            desc=f"{desc} epoch {epoch}/{config.epochs}",
+            disable=verbosity != 1,
+            leave=False,
+            unit="batch",
+            file=sys.stderr,
         )
         for step in bar:
-            idx = order[step * config.batch_size: (step + 1) * config.batch_size]
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             images = augment_batch(x_train[idx], generator, config.translate, config.hflip, config.erase)
             images = distributed.shard(images).contiguous(memory_format=memory_format)
             labels = distributed.shard(y_train[idx])
@@ -165,8 +174,9 @@ def train(
         seen_images += count
         val = torch.zeros(2, device=device)
         if distributed.is_main:
-            val = torch.tensor(loss_and_accuracy(predict_logits(model, x_val, config.eval_batch_size), y_val),
-                               device=device)
+            val = torch.tensor(
+                loss_and_accuracy(predict_logits(model, x_val, config.eval_batch_size), y_val), device=device
+            )
         val_loss, val_accuracy = distributed.from_main(val).tolist()
         record = {
             "epoch": epoch,
@@ -183,7 +193,8 @@ def train(
                 f"{desc} epoch {epoch}/{config.epochs} - {record['seconds']:.1f}s - "
                 f"loss {record['train_loss']:.4f} - acc {record['train_accuracy']:.4f} - "
                 f"val_loss {val_loss:.4f} - val_acc {val_accuracy:.4f}",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
         if on_epoch_end is not None and distributed.is_main:
             on_epoch_end(record)
