@@ -96,6 +96,109 @@ def _steps_per_epoch(n_images: int, batch_size: int, world_size: int) -> int:
     return max(1, full + (rest >= world_size))
 
 
+@dataclass
+class _Loop:
+    """What every step of one training run uses: the device, the model as stepped, optimizer, schedule."""
+
+    config: TrainConfig
+    device: torch.device
+    memory_format: torch.memory_format
+    step_model: Callable[..., torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    generator: torch.Generator
+    steps_per_epoch: int
+    use_amp: bool
+    verbosity: int
+    distributed: Distributed
+
+    def run_epoch(self, x_train: torch.Tensor, y_train: torch.Tensor, title: str) -> tuple[float, float, int]:
+        """One pass over a fresh shuffle: (summed loss, correct predictions, images), over every rank."""
+        config, distributed = self.config, self.distributed
+        order = torch.randperm(len(x_train), generator=self.generator, device=self.device)
+        totals, count = torch.zeros(2, device=self.device), 0  # loss sum and correct: read once per epoch
+        bar = tqdm(
+            range(self.steps_per_epoch),
+            desc=title,
+            disable=self.verbosity != 1,
+            leave=False,
+            unit="batch",
+            file=sys.stderr,
+        )
+        for step in bar:
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            images = augment_batch(x_train[idx], self.generator, config.translate, config.hflip, config.erase)
+            images = distributed.shard(images).contiguous(memory_format=self.memory_format)
+            labels = distributed.shard(y_train[idx])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+                logits = self.step_model(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            with torch.no_grad():
+                totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum()])
+            count += len(labels)
+            if self.verbosity == 1 and step % 25 == 0:  # a host sync, so not every step
+                loss_sum, correct = totals.tolist()
+                bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}")
+        bar.close()
+        loss_sum, correct, count = distributed.sum(torch.cat([totals, totals.new_tensor([count])])).tolist()
+        return loss_sum, correct, int(count)
+
+    def validate(self, model: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Tensor) -> tuple[float, float]:
+        """Validation loss and accuracy, computed by the main rank and shared, so every rank decides alike."""
+        val = torch.zeros(2, device=self.device)
+        if self.distributed.is_main:
+            scores = loss_and_accuracy(predict_logits(model, x_val, self.config.eval_batch_size), y_val)
+            val = torch.tensor(scores, device=self.device)
+        val_loss, val_accuracy = self.distributed.from_main(val).tolist()
+        return val_loss, val_accuracy
+
+
+def _start(model: torch.nn.Module, n_images: int, config: TrainConfig, distributed: Distributed) -> _Loop:
+    """The model on its device and in its memory format, wrapped for DDP and compiled where asked."""
+    device = resolve_device(config.device)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's stub omits it
+    step_model: Callable[..., torch.Tensor] = model
+    if distributed.enabled:
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        step_model = torch.compile(step_model)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    optimizer = make_optimizer(config, model.parameters())
+    steps_per_epoch = _steps_per_epoch(n_images, config.batch_size, distributed.world_size)
+    scheduler = make_scheduler(config, optimizer, config.epochs * steps_per_epoch)
+    return _Loop(
+        config,
+        device,
+        memory_format,
+        step_model,
+        optimizer,
+        scheduler,
+        generator,
+        steps_per_epoch,
+        use_amp=config.amp and bf16_is_fast(device),
+        verbosity=_verbosity(config.verbose) if distributed.is_main else 0,
+        distributed=distributed,
+    )
+
+
+def _epoch_line(desc: str, epochs: int, record: dict) -> str:
+    return (
+        f"{desc} epoch {record['epoch']}/{epochs} - {record['seconds']:.1f}s - "
+        f"loss {record['train_loss']:.4f} - acc {record['train_accuracy']:.4f} - "
+        f"val_loss {record['val_loss']:.4f} - val_acc {record['val_accuracy']:.4f}"
+    )
+
+
 def train(
     model: torch.nn.Module,
     x_train: torch.Tensor,
@@ -113,89 +216,30 @@ def train(
     indexed and augmented there in one go (no per-sample DataLoader), channels_last, bf16 autocast
     where it is native, and the host reads the running loss once per epoch, not once per step.
     """
-    device = resolve_device(config.device)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
-    else:
-        torch.backends.cudnn.benchmark = True
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's stub omits it
-    step_model: Callable[..., torch.Tensor] = model
-    if distributed.enabled:
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        step_model = torch.compile(step_model)
-    x_train, y_train = x_train.to(device), y_train.to(device).long()
-    x_val, y_val = x_val.to(device), y_val.long()
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    optimizer = make_optimizer(config, model.parameters())
-    steps_per_epoch = _steps_per_epoch(len(x_train), config.batch_size, distributed.world_size)
-    scheduler = make_scheduler(config, optimizer, config.epochs * steps_per_epoch)
-    use_amp = config.amp and bf16_is_fast(device)
-    verbosity = _verbosity(config.verbose) if distributed.is_main else 0
-
+    loop = _start(model, len(x_train), config, distributed)
+    x_train, y_train = x_train.to(loop.device), y_train.to(loop.device).long()
+    x_val, y_val = x_val.to(loop.device), y_val.long()
     result = TrainResult(model=model)
     best_accuracy, best_state, waited = -math.inf, None, 0
     seen_images, started = 0, time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
         epoch_start = time.perf_counter()
-        order = torch.randperm(len(x_train), generator=generator, device=device)
-        totals, count = torch.zeros(2, device=device), 0  # loss sum and correct: read once per epoch
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"{desc} epoch {epoch}/{config.epochs}",
-            disable=verbosity != 1,
-            leave=False,
-            unit="batch",
-            file=sys.stderr,
-        )
-        for step in bar:
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            images = augment_batch(x_train[idx], generator, config.translate, config.hflip, config.erase)
-            images = distributed.shard(images).contiguous(memory_format=memory_format)
-            labels = distributed.shard(y_train[idx])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = step_model(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            with torch.no_grad():
-                totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum()])
-            count += len(labels)
-            if verbosity == 1 and step % 25 == 0:  # a host sync, so not every step
-                loss_sum, correct = totals.tolist()
-                bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}")
-        bar.close()
-        loss_sum, correct, count = distributed.sum(torch.cat([totals, totals.new_tensor([count])])).tolist()
+        loss_sum, correct, count = loop.run_epoch(x_train, y_train, f"{desc} epoch {epoch}/{config.epochs}")
         seen_images += count
-        val = torch.zeros(2, device=device)
-        if distributed.is_main:
-            val = torch.tensor(
-                loss_and_accuracy(predict_logits(model, x_val, config.eval_batch_size), y_val), device=device
-            )
-        val_loss, val_accuracy = distributed.from_main(val).tolist()
+        val_loss, val_accuracy = loop.validate(model, x_val, y_val)
         record = {
             "epoch": epoch,
             "train_loss": loss_sum / count,
             "train_accuracy": correct / count,
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": loop.optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - epoch_start,
         }
         result.history.append(record)
-        if verbosity:
-            print(
-                f"{desc} epoch {epoch}/{config.epochs} - {record['seconds']:.1f}s - "
-                f"loss {record['train_loss']:.4f} - acc {record['train_accuracy']:.4f} - "
-                f"val_loss {val_loss:.4f} - val_acc {val_accuracy:.4f}",
-                file=sys.stderr,
-                flush=True,
-            )
+        if loop.verbosity:
+            print(_epoch_line(desc, config.epochs, record), file=sys.stderr, flush=True)
         if on_epoch_end is not None and distributed.is_main:
             on_epoch_end(record)
         if val_accuracy > best_accuracy + config.min_delta:
