@@ -21,7 +21,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     repo = copy_repo(tmp_path / "repo")
 
     def small_resnet_under_torchrun(params: dict) -> None:
-        params["models"][MODEL].update(stem=8, widths=[16, 32, 64])
+        params["models"][MODEL].update(stem=8, widths=[16, 32, 64], blocks=[1, 1, 1])
         params["models"][MODEL]["train"].update(epochs=4, batch_size=64, lr=0.1, verbose=2)
         params["distributed"]["launcher"] = "torchrun --standalone --nproc_per_node=2"
 
