@@ -91,7 +91,7 @@ class Classifier:
     async def decode(self, data: bytes) -> np.ndarray:
         """An upload to a model input [1,1,28,28]; large images are decoded off the event loop."""
         try:
-            image = open_image(data, SETTINGS.max_image_pixels)
+            image = open_image(data, self.settings.max_image_pixels)
             size = self.image_shape[-1]
             if image.width * image.height <= INLINE_PIXELS:
                 return to_model_input(image, size, self.upload_fit)[None]
@@ -101,7 +101,7 @@ class Classifier:
 
     def predictions(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
         """One Prediction per row of class probabilities [N, classes]."""
-        top = np.argsort(-probabilities, axis=1)[:, : SETTINGS.top_k]
+        top = np.argsort(-probabilities, axis=1)[:, : self.settings.top_k]
         top_p = np.take_along_axis(probabilities, top, axis=1).tolist()
         names = self.class_names
         return [
