@@ -42,7 +42,8 @@ def torch_model():
     from training.config import CARD_FILE, Params
     from training.export import ServingModel
 
-    net = ServingModel(load_trained(METADATA["model_name"], Params.load(), read_json(CARD_FILE))).eval()
+    name, params = METADATA["model_name"], Params.load()
+    net = ServingModel(load_trained(name, params, read_json(CARD_FILE), params.tta_for(name))).eval()
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():

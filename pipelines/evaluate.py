@@ -35,7 +35,7 @@ def main() -> None:
     class_names = card["class_names"]
     prepared = Prepared.load(DATASET_FILE)
     summary = read_json(summary_path(name))
-    tta = params.flip_tta(params.evaluate.tta, name)
+    tta = params.tta_for(name)
     evaluation = evaluate_model(
         load_trained(name, params, card), prepared, class_names, tta, params.evaluate.batch_size
     )
@@ -72,7 +72,9 @@ def main() -> None:
         name,
         scores["val_accuracy"],
         scores["test_accuracy"],
-        f" with flip TTA ({scores['test_accuracy_single_view']:.4f} without)" if tta else "",
+        f" with test-time augmentation, {tta.describe()} ({scores['test_accuracy_single_view']:.4f} without)"
+        if tta.views > 1
+        else "",
     )
 
 

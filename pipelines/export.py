@@ -18,10 +18,10 @@ def main() -> None:
     params = Params.load()
     card = read_json(CARD_FILE)
     champion = read_json(CHAMPION_FILE)
-    tta = params.flip_tta(params.export.tta, champion["model"])
-    net = load_trained(champion["model"], params, card, flip_tta=tta)
-    metadata = onnx_metadata(champion, card, params.data.spec.upload_fit, tta, tracking.git_commit())
-    log.info("exporting %s to ONNX%s", champion["model"], " with flip TTA in the graph" if tta else "")
+    tta = params.tta_for(champion["model"])
+    net = load_trained(champion["model"], params, card, tta)
+    metadata = onnx_metadata(champion, card, params.data.spec.upload_fit, tta.describe(), tracking.git_commit())
+    log.info("exporting %s to ONNX, test-time augmentation in the graph: %s", champion["model"], tta.describe())
     path = export_onnx(net, EXPORT_DIR / "model.onnx", metadata)
     parity = check_parity(
         net, path, Prepared.load(DATASET_FILE).images("test"), atol=params.export.parity_atol, progress=True

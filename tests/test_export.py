@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from serving.model_store import read_metadata
+from training.config import TtaSettings
 from training.export import ParityError, check_parity, export_onnx
-from training.models import FlipAveraged, build_model
+from training.models import TestTimeAugmented, build_model
 
 METADATA = {
     "model_name": "cnn_basic",
@@ -75,10 +76,11 @@ def test_parity_check_fails_when_the_graph_differs(exported):
         check_parity(other, path, images)
 
 
-def test_flip_tta_travels_inside_the_exported_graph(tmp_path):
-    """A residual net exported with test-time augmentation: the graph itself averages image and mirror."""
+def test_tta_travels_inside_the_exported_graph(tmp_path):
+    """A residual net exported with test-time augmentation: the graph itself averages over the ten views."""
     torch.manual_seed(0)
-    net = FlipAveraged(build_model("resnet", {"stem": 8, "widths": [8, 16, 16]}, mean=0.3, std=0.35)).eval()
+    resnet = build_model("resnet", {"stem": 8, "widths": [8, 16, 16]}, mean=0.3, std=0.35)
+    net = TestTimeAugmented(resnet, TtaSettings(flip=True, shift=1)).eval()
     path = export_onnx(net, tmp_path / "model.onnx", METADATA)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = np.random.default_rng(1).integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from training.config import PRESETS_DIR, Params, apply_overrides, load_params, preset_overrides
+from training.config import PRESETS_DIR, Params, TtaSettings, apply_overrides, load_params, preset_overrides
 from training.errors import ConfigError
-from training.models import ACTIVATIONS, ZOO, FlipAveraged, ResidualBlock, build_model, count_parameters
+from training.models import ACTIVATIONS, ZOO, ResidualBlock, TestTimeAugmented, build_model, count_parameters
 
 # weights + biases, layer by layer (BN: 2 per channel; convs/dense before BN have no bias)
 
@@ -120,10 +120,30 @@ def test_residual_network_resolution_and_identity_start():
     assert torch.equal(block(x), torch.relu(x))  # the zero-initialised last BN silences the branch
 
 
+SHIFTS_OF_2 = ((-2, 0), (2, 0), (0, -2), (0, 2))
+
+
 def test_flip_averaging_sees_an_image_and_its_mirror_alike():
     net = build_model("cnn_basic").eval()
-    tta = FlipAveraged(net)
+    tta = TestTimeAugmented(net, TtaSettings(flip=True, shift=0))
     images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.allclose(tta(images), tta(images.flip(-1)), atol=1e-5)
-        assert torch.allclose(tta(images), (net(images) + net(images.flip(-1))) / 2)
+        assert torch.allclose(tta(images), (net(images) + net(images.flip(-1))) / 2, atol=1e-6)
+
+
+def test_shift_averaging_is_the_mean_over_the_shifted_copies():
+    net = build_model("cnn_basic").eval()
+    settings = TtaSettings(flip=True, shift=2)
+    tta = TestTimeAugmented(net, settings)
+    images = torch.randint(1, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    shifted = [images] + [padded[..., 2 + dy : 30 + dy, 2 + dx : 30 + dx] for dy, dx in SHIFTS_OF_2]
+    views = shifted + [view.flip(-1) for view in shifted]
+    assert settings.views == len(views) == 10 and settings.describe() == "mirror and 2-pixel shifts: 10 views"
+    assert torch.equal(shifted[1][:, :, 2:, :], images[:, :, :-2, :])  # content moved 2 rows down, top zeroed
+    assert torch.all(shifted[1][:, :, :2, :] == 0)
+    with torch.no_grad():
+        expected = torch.stack([net(view) for view in views]).mean(0)
+        assert torch.allclose(tta(images), expected, atol=1e-5)
+    assert TtaSettings(flip=False, shift=0).views == 1 and TtaSettings(flip=False, shift=0).describe() == "none"

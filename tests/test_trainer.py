@@ -182,11 +182,27 @@ def test_mnist_never_flips():
     raw["train"]["hflip"] = True
     params = Params.from_dict(raw)
     assert not params.train_config("resnet").hflip
-    assert not params.flip_tta(True, "resnet")
+    assert not params.tta_for("resnet").flip and params.tta_for("resnet").shift == raw["tta"]["shift"]
     raw["data"]["dataset"] = "fashion-mnist"
     params = Params.from_dict(raw)
-    assert params.train_config("resnet").hflip and params.flip_tta(True, "resnet")
-    assert not params.flip_tta(False, "resnet")  # not asked for
+    assert params.train_config("resnet").hflip and params.tta_for("resnet").flip
+    raw["tta"]["flip"] = False  # not asked for
+    assert not Params.from_dict(raw).tta_for("resnet").flip
+    raw["tta"]["flip"] = True
     raw["train"]["hflip"] = False  # a model that never saw a mirror image is not averaged over one
     params = Params.from_dict(raw)
-    assert not params.flip_tta(True, "cnn_basic") and params.flip_tta(True, "resnet")
+    assert not params.tta_for("cnn_basic").flip and params.tta_for("resnet").flip
+
+
+def test_models_are_averaged_only_over_shifts_they_learned():
+    raw = load_params()
+    raw["tta"]["shift"] = 2
+    raw["train"]["translate"] = 0
+    raw["models"]["resnet"]["train"]["translate"] = 2
+    raw["models"]["cnn_basic"]["train"] = {"translate": 1}
+    params = Params.from_dict(raw)
+    assert params.tta_for("resnet").shift == 2
+    assert params.tta_for("cnn_basic").shift == 0 and params.tta_for("mlp_512").shift == 0
+    raw["tta"]["shift"] = -1
+    with pytest.raises(ConfigError, match=r"tta\.shift is -1"):
+        Params.from_dict(raw)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from training.config import Params, weights_path
-from training.models import FlipAveraged, build_model
+from training.config import Params, TtaSettings, weights_path
+from training.models import TestTimeAugmented, build_model
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -18,9 +18,9 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_trained(name: str, params: Params, card: dict, flip_tta: bool = False) -> torch.nn.Module:
-    """The zoo model `name` with its trained weights, in eval mode, on the CPU; with `flip_tta` it
-    averages its logits over each image and its mirror image."""
+def load_trained(name: str, params: Params, card: dict, tta: TtaSettings | None = None) -> torch.nn.Module:
+    """The zoo model `name` with its trained weights, in eval mode, on the CPU; with `tta` it averages
+    its logits over the views that setting names."""
     model = build_model(name, params.architecture_options(name), card["pixel_mean"], card["pixel_std"])
     model.load_state_dict(torch.load(weights_path(name), map_location="cpu", weights_only=True))
-    return (FlipAveraged(model) if flip_tta else model).eval()
+    return (TestTimeAugmented(model, tta) if tta else model).eval()

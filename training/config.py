@@ -157,9 +157,24 @@ class DistributedSettings:
 
 
 @dataclass(frozen=True)
+class TtaSettings:
+    """Test-time augmentation, one setting for the evaluate stage and the exported graph alike."""
+
+    flip: bool  # the mirror images too (models trained with hflip only)
+    shift: int  # copies shifted this many pixels up, down, left and right (models trained with translate)
+
+    @property
+    def views(self) -> int:
+        return (1 + 4 * (self.shift > 0)) * (1 + self.flip)
+
+    def describe(self) -> str:
+        kinds = ["mirror"] * self.flip + [f"{self.shift}-pixel shifts"] * (self.shift > 0)
+        return f"{' and '.join(kinds)}: {self.views} views" if kinds else "none"
+
+
+@dataclass(frozen=True)
 class EvaluateSettings:
     batch_size: int
-    tta: bool  # average over each image and its mirror (models trained with hflip only)
     misclassified: int
 
 
@@ -172,7 +187,6 @@ class MlflowSettings:
 
 @dataclass(frozen=True)
 class ExportSettings:
-    tta: bool
     parity_atol: float
     bentoml_model: str
 
@@ -186,6 +200,7 @@ class Params:
     train: dict[str, Any]  # shared by every model; see train_config
     models: dict[str, Any]
     distributed: DistributedSettings
+    tta: TtaSettings
     evaluate: EvaluateSettings
     mlflow: MlflowSettings
     export: ExportSettings
@@ -194,6 +209,8 @@ class Params:
     def from_dict(cls, values: dict) -> Params:
         params = build(cls, values, "params.yaml")
         get_spec(params.data.dataset)  # an unknown dataset fails here, once
+        if params.tta.shift < 0:
+            raise ConfigError(f"tta.shift is {params.tta.shift}; it counts pixels, 0 or more")
         for name in params.zoo:
             params.train_config(name)
         return params
@@ -220,10 +237,12 @@ class Params:
         options.pop("train", None)
         return options
 
-    def flip_tta(self, asked: bool, name: str) -> bool:
-        """Whether to average model `name` over each image and its mirror image: `asked` (evaluate.tta or
-        export.tta), and the model learned from mirrored images (hflip, which the dataset must allow)."""
-        return asked and self.train_config(name).hflip
+    def tta_for(self, name: str) -> TtaSettings:
+        """The test-time augmentation model `name` gets: the `tta` group's views, each only where the model
+        learned from such images: mirrors with hflip (which the dataset must allow), shifts with translate."""
+        config = self.train_config(name)
+        shift = self.tta.shift if config.translate >= self.tta.shift else 0
+        return TtaSettings(flip=self.tta.flip and config.hflip, shift=shift)
 
     @property
     def experiment_name(self) -> str:

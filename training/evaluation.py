@@ -9,8 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.config import TtaSettings
 from training.data import Prepared
-from training.models import FlipAveraged
+from training.models import TestTimeAugmented
 
 
 @torch.no_grad()
@@ -87,17 +88,19 @@ class Evaluation:
 
 
 def evaluate_model(
-    net: torch.nn.Module, prepared: Prepared, class_names: list[str], flip_tta: bool, batch_size: int
+    net: torch.nn.Module, prepared: Prepared, class_names: list[str], tta: TtaSettings, batch_size: int
 ) -> Evaluation:
-    """Score `net` on both held-out splits; with `flip_tta` its logits are averaged over each image and its
-    mirror image, exactly as the exported FlipAveraged graph computes them, from the same two passes."""
+    """Score `net` on both held-out splits, averaging its logits over the views `tta` names, exactly as the
+    exported graph computes them; `test_accuracy_single_view` is the network alone, to show what TTA buys."""
+    augmented = TestTimeAugmented(net, tta)
+    batch_of_views = max(1, batch_size // tta.views)
 
     def logits_of(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.from_numpy(prepared.images(split))
         single_view = predict_logits(net, images, batch_size)
-        if not flip_tta:
+        if tta.views == 1:
             return single_view, single_view
-        return single_view, FlipAveraged.combine(single_view, predict_logits(net, images.flip(-1), batch_size))
+        return single_view, predict_logits(augmented, images, batch_of_views)
 
     def labels_of(split: str) -> torch.Tensor:
         return torch.from_numpy(prepared.labels(split)).long()

@@ -100,7 +100,9 @@ def check_parity(
     return result
 
 
-def onnx_metadata(champion: dict, card: dict, upload_fit: int, flip_tta: bool, git_commit: str) -> dict[str, object]:
+def onnx_metadata(
+    champion: dict, card: dict, upload_fit: int, test_time_augmentation: str, git_commit: str
+) -> dict[str, object]:
     """What the exported file says about itself: the service's model card and preprocessing come from here."""
     return {
         "model_name": champion["model"],
@@ -114,5 +116,5 @@ def onnx_metadata(champion: dict, card: dict, upload_fit: int, flip_tta: bool, g
         "val_accuracy": champion["val_accuracy"],
         "test_accuracy": champion["test_accuracy"],
         "parameters": champion["parameters"],
-        "test_time_augmentation": "flip" if flip_tta else "none",
+        "test_time_augmentation": test_time_augmentation,
     }

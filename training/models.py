@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from training.config import TtaSettings
 from training.datasets import IMAGE_SHAPE, NUM_PIXELS
 from training.errors import ConfigError
 
@@ -176,19 +178,31 @@ ZOO: dict[str, tuple[Callable[..., nn.Sequential], dict]] = {
 }
 
 
-class FlipAveraged(nn.Module):
-    """Test-time augmentation: the mean of the logits for an image and for its mirror image."""
+class TestTimeAugmented(nn.Module):
+    """Test-time augmentation inside the graph: the mean of the logits over each image's views, that is
+    the image, its copies shifted `tta.shift` pixels up, down, left and right (zero-filled, as training's
+    random crop), and with `tta.flip` the mirror images of all of those. All views go through the network
+    as one batch."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, tta: TtaSettings):
         super().__init__()
-        self.net = net
+        self.net, self.flip, self.shift, self.views = net, tta.flip, tta.shift, tta.views
+
+    def augmented(self, x: torch.Tensor) -> torch.Tensor:
+        """The views of a batch [N,C,H,W], stacked view by view: [views*N,C,H,W]."""
+        views = [x]
+        if self.shift:
+            s, (h, w) = self.shift, x.shape[-2:]
+            padded = F.pad(x, (s, s, s, s))
+            for dy, dx in ((-s, 0), (s, 0), (0, -s), (0, s)):
+                views.append(padded[..., s + dy : s + dy + h, s + dx : s + dx + w])
+        if self.flip:
+            views += [view.flip(-1) for view in views]
+        return torch.cat(views)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.combine(self.net(x), self.net(x.flip(-1)))
-
-    @staticmethod
-    def combine(logits: torch.Tensor, mirrored_logits: torch.Tensor) -> torch.Tensor:
-        return (logits + mirrored_logits) / 2
+        logits = self.net(self.augmented(x))
+        return logits.reshape(self.views, -1, logits.shape[-1]).mean(0)
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:
