@@ -7,7 +7,8 @@ a shuffling `DataLoader`, float32, the default memory format. Ours is training/t
 resident on the device as uint8, batched augmentation there, channels_last, bf16 autocast where the
 device has it natively. Each repeat times one pass over the same number of images with both, alternating;
 the table gives the medians and the ratio. Then our trainer runs the committed schedule in full,
-checking test accuracy after each epoch, for the time to reach the target accuracy (93%).
+checking test accuracy after each epoch (with the pipeline's test-time augmentation, as the evaluate stage
+scores it) for the time to reach the target accuracy (94%).
 Prints tables and writes JSON (benchmarks/results/training.json).
 """
 
@@ -28,10 +29,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from serving.files import read_json
-from training.config import CARD_FILE, DATASET_FILE, Params, TrainConfig
+from training.config import CARD_FILE, DATASET_FILE, Params, TrainConfig, TtaSettings
 from training.data import Prepared
 from training.evaluation import predict_logits
-from training.models import build_model
+from training.models import TestTimeAugmented, build_model
 from training.progress import progress
 from training.trainer import make_optimizer, make_scheduler, resolve_device, seed_everything, train
 
@@ -95,15 +96,16 @@ def our_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config: 
     return len(x) / result.history[0]["seconds"]
 
 
-def time_to_accuracy(model, data: Prepared, config: TrainConfig, target: float) -> dict:
-    """Our trainer on the committed schedule, with test accuracy after every epoch."""
+def time_to_accuracy(model, data: Prepared, config: TrainConfig, tta: TtaSettings, target: float) -> dict:
+    """Our trainer on the committed schedule, with test accuracy (test-time augmented) after every epoch."""
     x_test, y_test = torch.from_numpy(data.images("test")), torch.from_numpy(data.labels("test")).long()
+    scored = TestTimeAugmented(model, tta)
     curve, elapsed = [], 0.0
 
     def check(record: dict) -> None:
         nonlocal elapsed
         elapsed += record["seconds"]
-        accuracy = (predict_logits(model, x_test).argmax(1) == y_test).float().mean().item()
+        accuracy = (predict_logits(scored, x_test, 1024 // tta.views).argmax(1) == y_test).float().mean().item()
         curve.append({"epoch": record["epoch"], "seconds": round(elapsed, 1), "test_accuracy": accuracy})
         print(f"  epoch {record['epoch']}: {elapsed:7.1f} s, test accuracy {accuracy:.4f}", file=sys.stderr)
 
@@ -121,12 +123,30 @@ def time_to_accuracy(model, data: Prepared, config: TrainConfig, target: float) 
 
 
 def table(results: dict) -> str:
-    """The throughput comparison as markdown: one row per repeat, then the medians."""
+    """The throughput comparison as markdown (one row per repeat, then the medians) and the time to accuracy."""
     lines = ["| repeat | ours (images/s) | tutorial loop (images/s) | ratio |", "|---:|---:|---:|---:|"]
     for r in results["throughput"]:
         lines.append(f"| {r['repeat']} | {r['ours']:.0f} | {r['tutorial']:.0f} | {r['ratio']:.2f}x |")
     median = results["median"]
     lines.append(f"| median | {median['ours']:.0f} | {median['tutorial']:.0f} | **{median['ratio']:.2f}x** |")
+    header = (
+        f"{results['model']}, batch {results['batch_size']}, {results['device_name']}, {results['threads']} threads:"
+    )
+    lines.insert(0, header + "\n")
+    accuracy = results.get("time_to_accuracy")
+    if accuracy:
+        target, reached = accuracy["target"], accuracy["reached"]
+        best = max(point["test_accuracy"] for point in accuracy["curve"])
+        if reached:
+            projected = accuracy["tutorial_projected_seconds"]
+            lines.append(
+                f"\nTime to {target:.0%} test accuracy with our trainer: {reached['seconds']:.0f} s (epoch "
+                f"{reached['epoch']}; the tutorial loop at its measured speed: {projected:.0f} s, projected)."
+            )
+        else:
+            lines.append(
+                f"\n{target:.0%} test accuracy not reached in {len(accuracy['curve'])} epochs (best {best:.2%})."
+            )
     return "\n".join(lines)
 
 
@@ -136,7 +156,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=12800, help="images per timed pass (0: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the tutorial loop")
-    parser.add_argument("--target", type=float, default=0.93, help="test accuracy for time-to-accuracy")
+    parser.add_argument("--target", type=float, default=0.94, help="test accuracy for time-to-accuracy")
     parser.add_argument("--skip-accuracy", action="store_true", help="only the images/s comparison")
     args = parser.parse_args()
 
@@ -159,50 +179,33 @@ def main() -> None:
         tutorial = tutorial_epoch(fresh_model().to(device), dataset, config, device, args.workers)
         rows.append({"repeat": repeat + 1, "ours": ours, "tutorial": tutorial, "ratio": ours / tutorial})
     median = {k: statistics.median(r[k] for r in rows) for k in ("ours", "tutorial", "ratio")}
-
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(
-        f"\n{args.model}, batch {config.batch_size}, {count} images per pass, {device.type} ({device_name}), "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
-    print(table({"throughput": rows, "median": median}))
 
     accuracy = None
     if not args.skip_accuracy:
         print(f"\ntime to {args.target:.0%} test accuracy, our trainer, {config.epochs} epochs:", file=sys.stderr)
-        accuracy = time_to_accuracy(fresh_model(), data, config, args.target)
-        reached = accuracy["reached"]
-        if reached:
-            projected = reached["epoch"] * len(data.images("train")) / median["tutorial"]
-            accuracy["tutorial_projected_seconds"] = projected
-            print(
-                f"\n{args.target:.0%} test accuracy after epoch {reached['epoch']}: {reached['seconds']:.0f} s "
-                f"(the tutorial loop at its measured speed: {projected:.0f} s, projected)"
-            )
-        else:
-            best = max(p["test_accuracy"] for p in accuracy["curve"])
-            print(f"\n{args.target:.0%} not reached in {config.epochs} epochs (best {best:.4f})")
+        accuracy = time_to_accuracy(fresh_model(), data, config, params.tta_for(args.model), args.target)
+        if accuracy["reached"]:
+            epochs = accuracy["reached"]["epoch"]
+            accuracy["tutorial_projected_seconds"] = epochs * len(data.images("train")) / median["tutorial"]
 
+    results = {
+        "model": args.model,
+        "device": device.type,
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "batch_size": config.batch_size,
+        "images_per_pass": count,
+        "dataloader_workers": args.workers,
+        "threads": torch.get_num_threads(),
+        "train_config": dataclasses.asdict(config),
+        "throughput": rows,
+        "median": median,
+        "time_to_accuracy": accuracy,
+    }
+    print("\n" + table(results))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "model": args.model,
-                "device": device.type,
-                "device_name": device_name,
-                "batch_size": config.batch_size,
-                "images_per_pass": count,
-                "dataloader_workers": args.workers,
-                "threads": torch.get_num_threads(),
-                "train_config": dataclasses.asdict(config),
-                "throughput": rows,
-                "median": median,
-                "time_to_accuracy": accuracy,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 
 
