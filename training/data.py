@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from training.errors import ConfigError, PipelineError
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 SPLITS = ("train", "val", "test")
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip member can carry
 
 
 class DataFormatError(PipelineError):
@@ -128,9 +130,15 @@ class Prepared:
         return self.arrays[f"y_{split}"]
 
     def save(self, path: Path) -> None:
+        """An .npz (what np.load reads) whose bytes depend on the arrays alone: np.savez stamps each member
+        with the current time, and DVC would then see every re-run of prepare as new data."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **self.arrays)  # type: ignore[arg-type]  # numpy's stub reads every keyword as allow_pickle
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for key, array in self.arrays.items():
+                member = zipfile.ZipInfo(f"{key}.npy", date_time=FIXED_ZIP_TIME)
+                with archive.open(member, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
         tmp.replace(path)
 
     @classmethod
