@@ -18,7 +18,7 @@ MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: setup browser run run-full lint test ui serve bench bench-train docs clean
+.PHONY: setup browser run run-full lint test ui serve doctor bench bench-train docs clean
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,11 @@ ui: setup
 
 serve: setup
 	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve serving.service:Classifier --host $(HOST) --port $(PORT)
+
+# What this machine offers the served model: torch and CUDA, onnxruntime's providers, what SERVING_DEVICE and
+# SERVING_PRECISION resolve to, and a 3-second throughput probe per usable provider and precision.
+doctor: setup
+	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m serving.doctor
 
 bench: setup
 	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.serving

@@ -1,16 +1,18 @@
 """The obvious alternative our service is measured against: FastAPI + uvicorn calling the model once per
 request, written the way most tutorials do (library defaults, no batching, no tuning).
 
-`PEER_BACKEND=onnx` runs the exported ONNX file with onnxruntime (peer 1), `PEER_BACKEND=torch` the
-champion's PyTorch weights eagerly (peer 2). Both use the service's own upload preprocessing and answer
-in the service's format, so every server does the same work per image:
+`PEER_BACKEND=onnx` runs an exported ONNX file with onnxruntime (peer 1: PEER_MODEL, by default the fp32
+export/model.onnx, what a user would write; export/model.int8.onnx for the int8 one the service serves on
+the CPU), `PEER_BACKEND=torch` the champion's PyTorch weights eagerly (peer 2). All use the service's own
+upload preprocessing and answer in the service's format, so every server does the same work per image:
 
-    PEER_BACKEND=onnx uvicorn benchmarks.peer:app --workers 2 --port 3001
+    PEER_BACKEND=onnx PEER_MODEL=export/model.int8.onnx uvicorn benchmarks.peer:app --workers 2 --port 3001
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -22,7 +24,7 @@ from serving.files import read_json
 from serving.model_store import read_metadata
 from serving.preprocess import image_to_input
 
-ONNX_PATH = REPO / "export" / "model.onnx"
+ONNX_PATH = Path(os.environ.get("PEER_MODEL", REPO / "export" / "model.onnx"))
 BACKEND = os.environ.get("PEER_BACKEND", "onnx")
 METADATA = read_metadata(ONNX_PATH)
 CLASS_NAMES: list[str] = METADATA["class_names"]
@@ -53,7 +55,7 @@ def torch_model():
 
 
 model = {"onnx": onnx_model, "torch": torch_model}[BACKEND]()
-app = FastAPI(title=f"peer: FastAPI + {BACKEND}")
+app = FastAPI(title=f"peer: FastAPI + {BACKEND} ({METADATA.get('precision', 'fp32')})")
 
 
 class Batch(BaseModel):

@@ -12,6 +12,9 @@ import bentoml
 from serving.files import sha256_file
 
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+# each file the BentoML model holds, by precision, and the metadata key of its checksum
+MODEL_FILES = {"fp32": (ONNX_FILE, "onnx_sha256"), "int8": (INT8_FILE, "int8_sha256")}
 EXPORT_RECORD = Path(__file__).resolve().parents[1] / "export" / "export.json"
 
 
@@ -42,9 +45,12 @@ def decode_metadata(props: dict[str, str]) -> dict[str, Any]:
     return decoded
 
 
-def save_onnx(path: Path, name: str, labels: dict[str, str]) -> str:
-    """Save `path` as a new version of BentoML model `name`, with its ONNX metadata; return the tag."""
-    metadata = {**read_metadata(path), "onnx_sha256": sha256_file(path)}  # checked when served
+def save_onnx(files: dict[str, Path], name: str, labels: dict[str, str]) -> str:
+    """Save the exported files, by precision ("fp32", "int8"), as a new version of BentoML model `name`,
+    with the fp32 file's ONNX metadata and every file's checksum (checked when served); return the tag."""
+    metadata = read_metadata(files["fp32"])
+    metadata.update({MODEL_FILES[precision][1]: sha256_file(path) for precision, path in files.items()})
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
-        shutil.copyfile(path, model.path_of(ONNX_FILE))
+        for precision, path in files.items():
+            shutil.copyfile(path, model.path_of(MODEL_FILES[precision][0]))
     return str(model.tag)

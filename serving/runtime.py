@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -29,16 +30,74 @@ def gpu_present() -> bool:
         return False
 
 
+class ProviderError(RuntimeError):
+    """SERVING_DEVICE=cuda, and onnxruntime cannot create its CUDA execution provider here."""
+
+
+def preload_cuda_libraries() -> None:
+    """Make the CUDA and cuDNN libraries of the nvidia wheels (CUDA torch's, or onnxruntime-gpu's cuda
+    extras) visible to onnxruntime, which otherwise looks only on the system's library path."""
+    ort.preload_dlls()
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why onnxruntime's CUDA execution provider cannot work here, as precisely as the machine tells, or
+    None where nothing stands in its way."""
+    if CUDA not in ort.get_available_providers():
+        return f"this onnxruntime build ({ort.__version__}) has no CUDA provider: install onnxruntime-gpu"
+    if not gpu_present():
+        return "no NVIDIA GPU or driver on this machine (`nvidia-smi -L` fails)"
+    preload_cuda_libraries()
+    capi = os.path.join(os.path.dirname(ort.__file__), "capi")
+    try:
+        ctypes.CDLL(os.path.join(capi, "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(os.path.join(capi, "libonnxruntime_providers_cuda.so"))
+    except OSError as exc:  # names the missing library, e.g. libcublasLt.so.12 or libcudnn.so.9
+        return f"its library does not load: {exc}"
+    return None
+
+
+def require_cuda() -> None:
+    """SERVING_DEVICE=cuda: raise, naming the cause, where the CUDA provider cannot work."""
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        raise ProviderError(cuda_refusal(reason))
+
+
+def cuda_refusal(reason: str) -> str:
+    return (
+        f"SERVING_DEVICE=cuda but onnxruntime cannot create its {CUDA}: {reason}; "
+        "not serving on the CPU in its place (SERVING_DEVICE=auto allows that)"
+    )
+
+
 def choose_providers(device: str) -> list:
     """CUDA (with a conv algorithm search that does not stall on new batch sizes) where it can work."""
     if device == "cpu":
         return [CPU]
     cuda_listed = CUDA in ort.get_available_providers()
     if device == "cuda" or (cuda_listed and gpu_present()):
+        preload_cuda_libraries()
         return [(CUDA, {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}), CPU]
     if cuda_listed:
         log.warning("onnxruntime lists %s but no GPU is present: serving on %s", CUDA, CPU)
     return [CPU]
+
+
+def choose_precision(requested: str, device: str, available: list[str]) -> str:
+    """SERVING_PRECISION resolved: auto is int8 on the CPU and fp32 on CUDA, whose provider does not run
+    QDQ int8 graphs on the GPU; a model saved without an int8 file serves fp32."""
+    on_cuda = device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers() and gpu_present())
+    if requested == "auto":
+        return "int8" if "int8" in available and not on_cuda else "fp32"
+    if requested == "int8" and on_cuda:
+        raise ProviderError(
+            "SERVING_PRECISION=int8 on CUDA: onnxruntime's CUDA provider does not run QDQ int8 graphs; "
+            "use SERVING_PRECISION=fp32 on the GPU, or SERVING_DEVICE=cpu for int8"
+        )
+    if requested not in available:
+        raise ModelFileError(f"SERVING_PRECISION={requested}: this model has only {', '.join(available)}")
+    return requested
 
 
 class ModelFileError(RuntimeError):
@@ -60,7 +119,12 @@ def verified_model_file(path: str, expected_sha256: str | None) -> str:
 
 
 class OnnxClassifier:
-    """The exported model: uint8 images [N,1,28,28] in, class probabilities out."""
+    """An exported model file on onnxruntime: uint8 images [N,1,28,28] in, class probabilities out.
+
+    `device` as SERVING_DEVICE takes it: with "cuda" the CUDA provider must be created or the model refuses
+    to load (ProviderError) rather than run on the CPU in its place; with "auto" it falls back to the CPU,
+    says so in the log, and keeps the reason in `fallback`.
+    """
 
     def __init__(self, path: str, device: str = "auto", threads: int | None = None, expected_sha256: str | None = None):
         options = ort.SessionOptions()
@@ -82,8 +146,13 @@ class OnnxClassifier:
         finally:
             ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
         self.provider = self.session.get_providers()[0]
+        self.fallback: str | None = None
         if providers[0] != CPU and self.provider != CUDA:
-            log.warning("%s could not be loaded (CUDA or cuDNN libraries missing?): serving on %s", CUDA, self.provider)
+            reason = cuda_unavailable_reason() or "onnxruntime did not create it (`make doctor` shows more)"
+            if device == "cuda":
+                raise ProviderError(cuda_refusal(reason))
+            self.fallback = f"{CUDA} unavailable ({reason}): serving on {self.provider}"
+            log.warning("%s", self.fallback)
         log.info(
             "onnxruntime %s on %s, %d intra-op threads", ort.__version__, self.provider, options.intra_op_num_threads
         )
@@ -92,6 +161,7 @@ class OnnxClassifier:
         self.input_name = spec["name"]
         self.image_shape = tuple(spec["shape"][1:])
         self.class_names: list[str] = self.metadata["class_names"]
+        self.precision: str = self.metadata.get("precision", "fp32")
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(["probabilities"], {self.input_name: images})[0]

@@ -11,6 +11,7 @@ it imports this module, so the settings are read here, once, and handed to every
 from __future__ import annotations
 
 import gc
+import sys
 from typing import Any
 
 import anyio
@@ -20,13 +21,18 @@ from prometheus_client import Histogram
 
 from serving.batcher import MicroBatcher
 from serving.inputs import ClientError
-from serving.model_store import ONNX_FILE
+from serving.model_store import MODEL_FILES
 from serving.preprocess import ImageError, open_image, to_model_input
 from serving.routes import PREDICTION_ROUTES, build_api
-from serving.runtime import OnnxClassifier
-from serving.settings import ServingSettings
+from serving.runtime import OnnxClassifier, ProviderError, choose_precision, require_cuda
+from serving.settings import ServingSettings, SettingsError
 
-SETTINGS = ServingSettings.from_env()
+try:
+    SETTINGS = ServingSettings.from_env()
+    if SETTINGS.device == "cuda":
+        require_cuda()  # before any worker starts: refuse, naming the cause, rather than serve on the CPU
+except (SettingsError, ProviderError) as exc:
+    sys.exit(f"serving: {exc}")  # one line, not a traceback through BentoML's loader
 INLINE_PIXELS = 256 * 256  # smaller uploads are decoded on the event loop; a thread hop costs more
 BATCH_SIZES = Histogram(
     "serving_batch_size", "images per onnxruntime call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -47,11 +53,15 @@ class Classifier:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
+        stored = self.bento_model.info.metadata
+        available = [p for p, (_, checksum) in MODEL_FILES.items() if checksum in stored]
+        precision = choose_precision(SETTINGS.precision, SETTINGS.device, available or ["fp32"])
+        file_name, checksum = MODEL_FILES[precision]
         self.model = OnnxClassifier(
-            self.bento_model.path_of(ONNX_FILE),
+            self.bento_model.path_of(file_name),
             device=SETTINGS.device,
             threads=SETTINGS.threads,
-            expected_sha256=self.bento_model.info.metadata.get("onnx_sha256"),
+            expected_sha256=stored.get(checksum),
         )
         self.metadata = self.model.metadata
         self.class_names = self.model.class_names
@@ -85,6 +95,8 @@ class Classifier:
         return {
             "bentoml_tag": str(self.bento_model.tag),
             "execution_provider": self.model.provider,
+            "provider_fallback": self.model.fallback,
+            "precision": self.model.precision,
             **{k: self.metadata.get(k) for k in keys},
         }
 

@@ -21,6 +21,7 @@ class SettingsError(ValueError):
 class ServingSettings:
     model_tag: str  # BENTO_MODEL_TAG: the BentoML model served (default: the tag in export/export.json)
     device: str  # SERVING_DEVICE: auto, cpu or cuda
+    precision: str  # SERVING_PRECISION: auto (int8 on the CPU, fp32 on CUDA), fp32 or int8
     workers: int  # SERVING_WORKERS: service processes
     threads: int  # SERVING_THREADS: onnxruntime intra-op threads per worker
     max_batch_size: int  # SERVING_MAX_BATCH_SIZE: images per adaptive batch
@@ -54,9 +55,13 @@ class ServingSettings:
         device = env.get("SERVING_DEVICE", "auto")
         if device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"SERVING_DEVICE={device!r}: expected auto, cpu or cuda")
+        precision = env.get("SERVING_PRECISION", "auto")
+        if precision not in ("auto", "fp32", "int8"):
+            raise SettingsError(f"SERVING_PRECISION={precision!r}: expected auto, fp32 or int8")
         return cls(
             model_tag=env.get("BENTO_MODEL_TAG") or default_model_tag(),
             device=device,
+            precision=precision,
             workers=integer("SERVING_WORKERS", cpus),
             threads=integer("SERVING_THREADS", cpus),
             max_batch_size=integer("SERVING_MAX_BATCH_SIZE", 64),

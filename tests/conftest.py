@@ -71,12 +71,16 @@ def served_model(tmp_path_factory) -> dict:
     from tests.serving_fixtures import small_model, store_model
 
     folder = tmp_path_factory.mktemp("serving")
-    onnx_path, x_test, y_test = small_model(folder)
+    files, x_test, y_test = small_model(folder)
     home = folder / "bentoml"
-    tag = store_model(onnx_path, home)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    offline = session.run(["probabilities"], {"images": x_test[:1000]})[0]  # what the model says offline
-    return {"onnx": onnx_path, "home": home, "tag": tag, "x": x_test[:1000], "y": y_test[:1000], "offline": offline}
+    tag = store_model(files, home)
+    offline = {  # what each file says offline about the 1,000 test images
+        precision: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            ["probabilities"], {"images": x_test[:1000]}
+        )[0]
+        for precision, path in files.items()
+    }
+    return {"files": files, "home": home, "tag": tag, "x": x_test[:1000], "y": y_test[:1000], "offline": offline}
 
 
 @pytest.fixture(scope="session")

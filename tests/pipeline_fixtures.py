@@ -22,8 +22,14 @@ def edit_params(repo: Path, subset: dict, zoo: list[str], edit: Callable[[dict],
 
 
 def tiny_params(repo: Path) -> None:
-    """The committed params with overrides for a fast CPU run: a few hundred images, one epoch, two models."""
-    edit_params(repo, {"train": 500, "test": 200}, ZOO, lambda p: p["train"].update(epochs=1, verbose=2))
+    """The committed params with overrides for a fast CPU run: a few hundred images, one epoch, two models;
+    the int8 gate loosened for a model that barely learned (tests/test_quantize.py holds it to the real one)."""
+
+    def edit(params: dict) -> None:
+        params["train"].update(epochs=1, verbose=2)
+        params["export"]["int8"].update(max_accuracy_drop=0.03, min_agreement=0.95)
+
+    edit_params(repo, {"train": 500, "test": 200}, ZOO, edit)
 
 
 def stage_env(shared_datasets: Path, bentoml_home: Path) -> dict:

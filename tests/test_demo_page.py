@@ -55,7 +55,7 @@ def test_uploading_a_test_image_shows_what_the_model_sees_and_says(page, served_
     predicted, bars = shown_prediction(page)
     screenshot(page, "demo-page-prediction")
 
-    expected = served_model["offline"][0]  # what the ONNX model says offline about this image
+    expected = served_model["offline"]["int8"][0]  # what the served (int8) model says offline about this image
     class_names = [
         "T-shirt/top",
         "Trouser",

@@ -64,8 +64,10 @@ def test_dynamic_batch_axis_and_preprocessing_inside_the_graph(exported, batch):
 def test_parity_check_passes_for_the_exported_model(exported):
     net, path = exported
     images = np.random.default_rng(0).integers(0, 256, (500, 1, 28, 28), dtype=np.uint8)
-    result = check_parity(net, path, images, batch_size=128)
+    result, probabilities = check_parity(net, path, images, batch_size=128)
     assert result["argmax_disagreements"] == 0 and result["max_abs_probability_diff"] <= 1e-4
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(probabilities, session.run(["probabilities"], {"images": images})[0], atol=1e-6)
 
 
 def test_parity_check_fails_when_the_graph_differs(exported):

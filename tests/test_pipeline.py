@@ -1,6 +1,8 @@
 """End to end: a real `dvc repro` on a tiny subset in a copy of the repo, real MLflow stores."""
 
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from mlflow import MlflowClient
 
 from tests.pipeline_fixtures import VENV_BIN, ZOO, run
@@ -22,11 +25,36 @@ def test_export_writes_onnx_to_mlflow_and_the_bentoml_store(pipeline):
     champion = json.loads((repo / "champion.json").read_text())
     assert record["model_name"] == champion["model"] and record["mlflow_run_id"] == champion["run_id"]
     assert record["parity"]["argmax_disagreements"] == 0 and record["parity"]["images"] == 200
-    assert (repo / "export/model.onnx").is_file()
+    assert (repo / "export/model.onnx").is_file() and (repo / "export/model.int8.onnx").is_file()
+    gate = record["int8_gate"]
+    assert gate["int8_accuracy_drop"] <= 0.03 and gate["int8_argmax_agreement"] >= 0.95  # tiny_params' gate
     name, version = record["bentoml_tag"].split(":")
-    assert (Path(env["BENTOML_HOME"]) / "models" / name / version / "model.onnx").is_file()
+    stored = Path(env["BENTOML_HOME"]) / "models" / name / version
+    assert (stored / "model.onnx").is_file() and (stored / "model.int8.onnx").is_file()
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    assert [a.path for a in client.list_artifacts(champion["run_id"], "onnx")] == ["onnx/model.onnx"]
+    logged = {a.path for a in client.list_artifacts(champion["run_id"], "onnx")}
+    assert logged == {"onnx/model.onnx", "onnx/model.int8.onnx"}
+    metrics = client.get_run(champion["run_id"]).data.metrics
+    assert metrics["int8_gate.int8_argmax_agreement"] == pytest.approx(gate["int8_argmax_agreement"])
+
+
+def test_an_int8_model_outside_the_gate_fails_the_export_stage(pipeline, tmp_path):
+    """The export stage re-run in a copy with a gate no int8 model can pass: it fails, saying why, and
+    leaves no int8 file behind."""
+    repo, env, _ = pipeline
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["export"]["int8"]["max_accuracy_drop"] = -1.0
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = subprocess.run(
+        [str(VENV_BIN / "dvc"), "repro", "export"], cwd=copy, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode != 0
+    assert re.search(
+        r"the int8 model fails the gate on 200 test images: accuracy \S+ against fp32", done.stderr + done.stdout
+    )
+    assert not (copy / "export/model.int8.onnx").exists()
 
 
 def test_repro_writes_every_output(pipeline):

@@ -15,6 +15,7 @@ import requests
 from PIL import Image
 
 from benchmarks.local_server import REPO, LocalServer
+from serving.runtime import gpu_present
 from tests.serving_fixtures import png, serve, store_model
 
 pytestmark = pytest.mark.slow
@@ -112,9 +113,9 @@ def test_sigterm_drains_requests_in_flight_before_exit(served_model, tmp_path):
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_a_missing_or_corrupt_model_file_keeps_the_service_from_becoming_ready(served_model, tmp_path, damage):
     home = tmp_path / "bentoml"
-    tag = store_model(served_model["onnx"], home)
+    tag = store_model(served_model["files"], home)
     name, version = tag.split(":")
-    path = home / "models" / name / version / "model.onnx"
+    path = home / "models" / name / version / "model.int8.onnx"  # the file served on the CPU by default
     if damage == "missing":
         path.unlink()
     else:
@@ -128,7 +129,22 @@ def test_a_missing_or_corrupt_model_file_keeps_the_service_from_becoming_ready(s
         server.wait_ready(timeout=120)
     log = (tmp_path / "serve.log").read_text()
     message = "is missing" if damage == "missing" else "is corrupt: sha256"
-    assert re.search(rf"model file \S+model\.onnx {message}", log), log[-3000:]
+    assert re.search(rf"model file \S+model\.int8\.onnx {message}", log), log[-3000:]
+
+
+@pytest.mark.skipif(gpu_present(), reason="this machine has a GPU: CUDA can be created here")
+def test_serving_device_cuda_without_cuda_refuses_to_serve_and_names_the_cause(served_model, tmp_path):
+    """SERVING_DEVICE=cuda where the CUDA provider cannot be created: never ready, never on the CPU instead."""
+    log_path = tmp_path / "serve.log"
+    server = serve(served_model, log_path, SERVING_DEVICE="cuda")
+    with pytest.raises(RuntimeError, match="failed to start"):
+        server.wait_ready(timeout=120)
+    log = log_path.read_text()
+    causes = re.findall(r"SERVING_DEVICE=cuda but onnxruntime cannot create its CUDAExecutionProvider: ([^;]+);", log)
+    assert len(causes) == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert re.search("no NVIDIA GPU|no CUDA provider|does not load: lib", causes[0]), causes[0]
+    assert "Uvicorn running" not in log and "CPUExecutionProvider, " not in log
 
 
 def test_no_unpickling_of_untrusted_data_in_the_code():

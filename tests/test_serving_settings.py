@@ -2,13 +2,14 @@
 
 import pytest
 
+from serving.runtime import ModelFileError, ProviderError, choose_precision
 from serving.settings import MAX_BATCH_IMAGES, ServingSettings, SettingsError
 
 
 def test_defaults_and_overrides():
     defaults = ServingSettings.from_env({"BENTO_MODEL_TAG": "m:1"})
     assert (defaults.model_tag, defaults.device, defaults.max_batch_images) == ("m:1", "auto", MAX_BATCH_IMAGES)
-    assert not defaults.trace_requests
+    assert not defaults.trace_requests and defaults.precision == "auto"
     tuned = ServingSettings.from_env(
         {"BENTO_MODEL_TAG": "m:1", "SERVING_WORKERS": "3", "SERVING_DEVICE": "cpu", "SERVING_TRACE_REQUESTS": "yes"}
     )
@@ -21,6 +22,7 @@ def test_defaults_and_overrides():
         ("SERVING_WORKERS", "two", "SERVING_WORKERS='two': expected a whole number of at least 1"),
         ("SERVING_MAX_BATCH_SIZE", "0", "SERVING_MAX_BATCH_SIZE='0': expected a whole number of at least 1"),
         ("SERVING_DEVICE", "gpu", "SERVING_DEVICE='gpu': expected auto, cpu or cuda"),
+        ("SERVING_PRECISION", "fp16", "SERVING_PRECISION='fp16': expected auto, fp32 or int8"),
         ("SERVING_TRACE_REQUESTS", "maybe", "SERVING_TRACE_REQUESTS='maybe': expected one of"),
     ],
 )
@@ -28,3 +30,24 @@ def test_a_value_the_service_cannot_use_is_named(name, value, message):
     with pytest.raises(SettingsError) as error:
         ServingSettings.from_env({"BENTO_MODEL_TAG": "m:1", name: value})
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "available", "served"),
+    [
+        ("auto", "cpu", ["fp32", "int8"], "int8"),
+        ("auto", "cuda", ["fp32", "int8"], "fp32"),  # the CUDA provider does not run QDQ int8
+        ("auto", "cpu", ["fp32"], "fp32"),  # a model saved without an int8 file
+        ("fp32", "cpu", ["fp32", "int8"], "fp32"),
+        ("int8", "cpu", ["fp32", "int8"], "int8"),
+    ],
+)
+def test_serving_precision_resolves_per_device(requested, device, available, served):
+    assert choose_precision(requested, device, available) == served
+
+
+def test_a_precision_the_model_or_device_cannot_serve_is_refused_with_the_way_out():
+    with pytest.raises(ProviderError, match=r"SERVING_PRECISION=int8 on CUDA.*use SERVING_PRECISION=fp32"):
+        choose_precision("int8", "cuda", ["fp32", "int8"])
+    with pytest.raises(ModelFileError, match="SERVING_PRECISION=int8: this model has only fp32"):
+        choose_precision("int8", "cpu", ["fp32"])

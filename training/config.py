@@ -186,9 +186,17 @@ class MlflowSettings:
 
 
 @dataclass(frozen=True)
+class Int8Settings:
+    calibration_images: int  # training images the static quantization calibrates on
+    max_accuracy_drop: float  # test accuracy (a fraction) the int8 model may lose against fp32
+    min_agreement: float  # fraction of test images on which int8 and fp32 must predict the same class
+
+
+@dataclass(frozen=True)
 class ExportSettings:
     parity_atol: float
     bentoml_model: str
+    int8: Int8Settings
 
 
 @dataclass(frozen=True)

@@ -80,24 +80,25 @@ def check_parity(
     batch_size: int = 1000,
     atol: float = PARITY_ATOL,
     progress: bool = False,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], np.ndarray]:
     """Compare ONNX Runtime (CPU) with PyTorch on every image; raise unless argmax agrees everywhere
-    and probabilities differ by at most `atol`."""
+    and probabilities differ by at most `atol`. Returns the figures and onnxruntime's probabilities."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     net = net.cpu().eval()
-    max_diff, disagreements = 0.0, 0
+    max_diff, disagreements, outputs = 0.0, 0, []
     starts = range(0, len(images), batch_size)
     for start in progress_of(starts, "parity check", unit="batch") if progress else starts:
         batch = images[start : start + batch_size]
         with torch.no_grad():
             expected = torch.softmax(net(torch.from_numpy(batch)), dim=1).numpy()
         got = session.run(["probabilities"], {INPUT_NAME: batch})[0]
+        outputs.append(got)
         max_diff = max(max_diff, float(np.abs(got - expected).max()))
         disagreements += int((got.argmax(1) != expected.argmax(1)).sum())
     result = {"images": len(images), "max_abs_probability_diff": max_diff, "argmax_disagreements": disagreements}
     if disagreements or max_diff > atol:
         raise ParityError(f"ONNX and PyTorch disagree: {result} (tolerance {atol})")
-    return result
+    return result, np.concatenate(outputs)
 
 
 def onnx_metadata(
@@ -117,4 +118,5 @@ def onnx_metadata(
         "test_accuracy": champion["test_accuracy"],
         "parameters": champion["parameters"],
         "test_time_augmentation": test_time_augmentation,
+        "precision": "fp32",
     }
