@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from serving.files import read_json
-from training.config import CHAMPION_FILE, METRICS_DIR
+from training.config import CHAMPION_FILE, EXPORT_DIR, METRICS_DIR
 from training.selection import comparison_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,22 @@ def champion_summary(root: Path) -> str:
         f"Champion on {champion['dataset']}: **{champion['model']}**, {champion['parameters']:,} parameters, chosen "
         f"on validation accuracy ({champion['val_accuracy']:.2%}): **{champion['test_accuracy']:.2%}** test "
         f"accuracy ({single_view:.2%} on single views, without test-time augmentation). Registered as "
-        f"`{champion['registered_model']}` version {champion['version']}, alias `{champion['alias']}`.\n"
+        f"`{champion['registered_model']}` version {champion['version']}, alias `{champion['alias']}`."
+        + int8_summary(root)
+        + "\n"
+    )
+
+
+def int8_summary(root: Path) -> str:
+    """What the int8 file that the service runs on a CPU scores, from the export stage's record."""
+    record = read_json(root / EXPORT_DIR / "export.json")
+    gate = record.get("int8_gate")
+    if gate is None:
+        return ""
+    return (
+        f" Served on a CPU as int8 (`export/model.int8.onnx`): **{gate['int8_test_accuracy']:.2%}** test accuracy "
+        f"against {gate['fp32_test_accuracy']:.2%} for the fp32 file, the same class on "
+        f"{gate['int8_argmax_agreement']:.2%} of the test images."
     )
 
 
