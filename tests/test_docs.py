@@ -19,6 +19,7 @@ def test_an_altered_figure_is_caught(tmp_path: Path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, tmp_path / rel)
     shutil.copytree(REPO / "metrics", tmp_path / "metrics")
+    shutil.copytree(REPO / "benchmarks" / "results", tmp_path / "benchmarks" / "results")
     assert stale_documents(tmp_path) == []
     champion = json.loads((tmp_path / "champion.json").read_text())
     champion["test_accuracy"] += 0.001  # a tenth of a point: a different figure in the README

@@ -27,7 +27,7 @@ def test_export_writes_onnx_to_mlflow_and_the_bentoml_store(pipeline):
     assert record["parity"]["argmax_disagreements"] == 0 and record["parity"]["images"] == 200
     assert (repo / "export/model.onnx").is_file() and (repo / "export/model.int8.onnx").is_file()
     gate = record["int8_gate"]
-    assert gate["int8_accuracy_drop"] <= 0.03 and gate["int8_argmax_agreement"] >= 0.95  # tiny_params' gate
+    assert gate["int8_accuracy_drop"] <= 0.03 and gate["int8_argmax_agreement"] >= 0.95  # the gate of edit_params
     name, version = record["bentoml_tag"].split(":")
     stored = Path(env["BENTOML_HOME"]) / "models" / name / version
     assert (stored / "model.onnx").is_file() and (stored / "model.int8.onnx").is_file()

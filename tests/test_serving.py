@@ -83,6 +83,15 @@ def test_model_card(server, model):
     assert {"val_accuracy", "test_accuracy"} <= set(card)
 
 
+def run_in_repo(command: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`command` run in the repository; it must succeed."""
+    done = subprocess.run(
+        command, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
 def _has_gpu() -> bool:
     return subprocess.run(["sh", "-c", "nvidia-smi -L"], capture_output=True).returncode == 0
 
@@ -320,15 +329,7 @@ def test_bentoml_build_packages_the_model_and_the_bento_serves(model, tmp_path):
         "PATH": SYSTEM_PATH,
     }
     bentoml = str(Path(sys.executable).parent / "bentoml")
-    done = subprocess.run(
-        [bentoml, "build", "--output", "tag"],
-        cwd=Path(__file__).parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_in_repo([bentoml, "build", "--output", "tag"], env, timeout=600)
     tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     info = subprocess.run([bentoml, "get", tag, "-o", "json"], env=env, capture_output=True, text=True, check=True)
     assert model["tag"] in info.stdout
@@ -374,16 +375,7 @@ def test_the_default_on_the_cpu_serves_int8_as_accurate_as_offline(model, tmp_pa
 
 def test_make_doctor_reports_providers_the_served_model_and_a_probe_per_precision(model):
     env = {**os.environ, "BENTOML_HOME": str(model["home"]), "BENTO_MODEL_TAG": model["tag"], "SERVING_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "serving.doctor"],
-        cwd=Path(__file__).parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    out = done.stdout
+    out = run_in_repo([sys.executable, "-m", "serving.doctor"], env, timeout=120).stdout
     assert re.search(r"^torch \S+", out, re.MULTILINE) and re.search(
         r"^onnxruntime \S+: providers listed", out, re.MULTILINE
     )

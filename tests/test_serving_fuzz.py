@@ -117,7 +117,7 @@ def test_malformed_requests_never_get_a_5xx(server, served_model):
     assert sum(400 <= s < 500 for s in statuses) > 0.9 * len(statuses)
     # still answers a good request correctly
     good = requests.post(f"{server.url}/predict", files={"image": ("x.png", png(served_model["x"][0, 0]))}, timeout=30)
-    assert good.status_code == 200 and good.json()["label"] == int(served_model["offline"][0].argmax())
+    assert good.status_code == 200 and good.json()["label"] == int(served_model["offline"]["int8"][0].argmax())
 
 
 def test_malformed_http_gets_a_4xx_and_the_service_keeps_serving(server, served_model):
