@@ -52,11 +52,13 @@ def main() -> None:
     except bentoml.exceptions.NotFound:
         print(f"served model {settings.model_tag}: not in the BentoML store; `make run` trains and exports one")
         return
-    files = {p: stored.path_of(name) for p, (name, checksum) in MODEL_FILES.items() if checksum in stored.info.metadata}
+    metadata = stored.info.metadata
+    files = {p: (stored.path_of(name), str(metadata[key])) for p, (name, key) in MODEL_FILES.items() if key in metadata}
     print(f"served model {stored.tag} ({default_model_tag()} by export/export.json): {', '.join(files)} files")
     try:
         precision = choose_precision(settings.precision, settings.device, list(files))
-        served = OnnxClassifier(files[precision], settings.device, settings.threads)
+        path, checksum = files[precision]
+        served = OnnxClassifier(path, settings.device, settings.threads, checksum)
         print(
             f"SERVING_DEVICE={settings.device} SERVING_PRECISION={settings.precision}: serves {precision} on "
             f"{served.provider}" + (f" ({served.fallback})" if served.fallback else "")
@@ -68,10 +70,10 @@ def main() -> None:
     print("| provider | precision | " + " | ".join(f"batch {b}" for b in PROBE_BATCHES) + " |")
     print("|---|---|" + "---:|" * len(PROBE_BATCHES))
     for device, provider in usable:
-        for precision, path in files.items():
+        for precision, (path, checksum) in files.items():
             if device == "cuda" and precision == "int8":
                 continue  # the CUDA provider does not run QDQ int8 graphs
-            model = OnnxClassifier(path, device, settings.threads)
+            model = OnnxClassifier(path, device, settings.threads, checksum)
             rates = [probe(model, batch, PROBE_SECONDS / len(PROBE_BATCHES)) for batch in PROBE_BATCHES]
             print(f"| {provider} | {precision} | " + " | ".join(f"{rate:,.0f}" for rate in rates) + " |")
 
