@@ -24,7 +24,7 @@ class ChildServer:
     """Starts a server command (`{port}` in it: a free loopback port) and waits for `ready_path` to answer
     200; `close()` stops it (SIGTERM, then kill)."""
 
-    def __init__(self, command: list[str], log_path: Path, ready_path: str, **env: str):
+    def __init__(self, command: list[str], log_path: Path, ready_path: str, *, cwd: Path | str = REPO, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_path = ready_path
@@ -33,7 +33,7 @@ class ChildServer:
         self.command = [part.format(port=self.port) for part in command]
         self.process = subprocess.Popen(
             self.command,
-            cwd=REPO,
+            cwd=cwd,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
@@ -67,10 +67,11 @@ class ChildServer:
 class LocalServer(ChildServer):
     """`bentoml serve <target>` on a free loopback port, ready when /readyz says so."""
 
-    def __init__(self, target: str, log_path: Path, **env: str):
+    def __init__(self, target: str, log_path: Path, *, cwd: Path | str = REPO, **env: str):
         super().__init__(
             [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", "{port}"],
             log_path,
             "/readyz",
+            cwd=cwd,
             **env,
         )

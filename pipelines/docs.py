@@ -3,12 +3,13 @@
 Each figure sits between `<!-- begin: NAME -->` and `<!-- end: NAME -->`; this rewrites every such block
 from its source (champion.json, metrics/, benchmarks/results/: files in git), so no number is typed by hand.
 `--check` changes nothing and fails when a block differs from what its source gives (the test suite
-runs it). Not a pipeline stage: run it (`make docs`) after `make run`, `make bench` or `make bench-train`.
+runs it). Not a pipeline stage: run it (`make docs`) after `make run` or a `make bench*`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import sys
@@ -62,29 +63,24 @@ def model_comparison(root: Path) -> str:
     return comparison_table(rows, champion)
 
 
-def training_benchmark(root: Path) -> str:
-    path = BENCHMARK_RESULTS / "training.json"
-    if not (root / path).is_file():
-        return _missing(path, "make bench-train")
-    from benchmarks.training import table  # the benchmark's own table: one way to print its results
+def benchmark(file: str, command: str, module: str) -> Callable[[Path], str]:
+    """A block from a benchmark's results file, printed by that benchmark's own `table` function."""
 
-    return table(read_json(root / path)) + "\n"
+    def render(root: Path) -> str:
+        path = BENCHMARK_RESULTS / file
+        if not (root / path).is_file():
+            return _missing(path, command)
+        return importlib.import_module(module).table(read_json(root / path)) + "\n"
 
-
-def serving_benchmark(root: Path) -> str:
-    path = BENCHMARK_RESULTS / "serving.json"
-    if not (root / path).is_file():
-        return _missing(path, "make bench")
-    from benchmarks.serving import table  # the benchmark's own table: one way to print its results
-
-    return table(read_json(root / path)) + "\n"
+    return render
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "champion-summary": champion_summary,
     "model-comparison": model_comparison,
-    "training-benchmark": training_benchmark,
-    "serving-benchmark": serving_benchmark,
+    "training-benchmark": benchmark("training.json", "make bench-train", "benchmarks.training"),
+    "serving-benchmark": benchmark("serving.json", "make bench", "benchmarks.serving"),
+    "serving-sweep": benchmark("serving_sweep.json", "make bench-sweep", "benchmarks.serving_sweep"),
 }
 
 

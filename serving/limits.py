@@ -1,8 +1,9 @@
-"""The request body limit, enforced before a body is read into memory."""
+"""Requests refused before they are read: bodies over the size limit, and bodies BentoML cannot parse."""
 
 from __future__ import annotations
 
 import orjson
+from starlette.requests import Request
 
 from serving.inputs import ClientError
 
@@ -52,3 +53,57 @@ async def reject(send, error: ClientError) -> None:
         }
     )
     await send({"type": "http.response.body", "body": orjson.dumps({"error": error.message})})
+
+
+class ApiRequestGuard:
+    """ASGI middleware for BentoML's API routes, whose own request parsing answers 500 to a body that is not
+    what its content type says: a POST to one of `routes` ({path: media type}) with another content type,
+    multipart without a boundary, a multipart body that does not parse, or a body over `max_bytes`, gets a
+    4xx naming the problem. A good body is handed on as it came."""
+
+    def __init__(self, app, routes: dict[str, str], max_bytes: int):
+        self.app = app
+        self.routes = routes
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        expected = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if expected is None or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        content_type = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1")
+        media, _, parameters = content_type.partition(";")
+        multipart = expected.startswith("multipart/")
+        if media.strip().lower() != expected or (multipart and "boundary=" not in parameters):
+            wanted = f"{expected} with a boundary" if multipart else expected
+            return await reject(send, ClientError(f"send {wanted} (got content type {content_type or 'none'!r})"))
+        if not multipart:
+            return await self.app(scope, receive, send)
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                limit = f"request body too large: the limit is {self.max_bytes:,} bytes"
+                return await reject(send, ClientError(limit, status=413))
+            if not message.get("more_body"):
+                break
+        try:
+            async with Request(scope, replaying(body, receive)).form():
+                pass
+        except Exception as exc:  # the multipart parser's errors are the client's malformed body
+            return await reject(send, ClientError(f"malformed multipart body: {exc}"))
+        return await self.app(scope, replaying(body, receive), send)
+
+
+def replaying(body: bytes, receive):
+    """An ASGI receive that gives `body` first, then what `receive` gives (a disconnect)."""
+    given = False
+
+    async def replay():
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay

@@ -18,6 +18,7 @@ log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+OUTPUT_NAMES = ("logits", "probabilities")  # the exported graph's outputs (training/export.py), in this order
 
 
 def gpu_present() -> bool:
@@ -118,6 +119,16 @@ def verified_model_file(path: str, expected_sha256: str | None) -> str:
     return path
 
 
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # idle intra-op threads sleep instead of spinning: workers share the CPUs with the HTTP event loops
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class OnnxClassifier:
     """An exported model file on onnxruntime: uint8 images [N,1,28,28] in, class probabilities out.
 
@@ -126,18 +137,22 @@ class OnnxClassifier:
     says so in the log, and keeps the reason in `fallback`.
     """
 
-    def __init__(self, path: str, device: str = "auto", threads: int | None = None, expected_sha256: str | None = None):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        # idle intra-op threads sleep instead of spinning: workers share the CPUs with the HTTP event loops
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    def __init__(
+        self,
+        path: str,
+        device: str = "auto",
+        threads: int | None = None,
+        expected_sha256: str | None = None,
+        bulk: tuple[int, int] | None = None,
+    ):
+        """`bulk` = (threads, above): on the CPU, batches of more than `above` images run on a second session
+        with that many intra-op threads (a large request runs alone; small batches share the CPUs)."""
+        threads = threads or os.cpu_count() or 1
         providers = choose_providers(device)
         ort.set_default_logger_severity(4)  # a CUDA provider that fails to load is reported below, once
         try:
             self.session = ort.InferenceSession(
-                verified_model_file(path, expected_sha256), options, providers=providers
+                verified_model_file(path, expected_sha256), session_options(threads), providers=providers
             )
         except ModelFileError:
             raise
@@ -153,8 +168,16 @@ class OnnxClassifier:
                 raise ProviderError(cuda_refusal(reason))
             self.fallback = f"{CUDA} unavailable ({reason}): serving on {self.provider}"
             log.warning("%s", self.fallback)
+        self.bulk_session, self.bulk_above = self.session, 0
+        if bulk is not None and bulk[0] != threads and self.provider == CPU:
+            self.bulk_session = ort.InferenceSession(path, session_options(bulk[0]), providers=[CPU])
+            self.bulk_above = bulk[1]
         log.info(
-            "onnxruntime %s on %s, %d intra-op threads", ort.__version__, self.provider, options.intra_op_num_threads
+            "onnxruntime %s on %s, %d intra-op threads%s",
+            ort.__version__,
+            self.provider,
+            threads,
+            f" ({bulk[0]} for batches over {bulk[1]} images)" if bulk and self.bulk_above else "",
         )
         self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         spec = self.metadata["input_spec"]
@@ -166,7 +189,14 @@ class OnnxClassifier:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(["probabilities"], {self.input_name: images})[0]
 
-    def warm_up(self, max_batch_size: int) -> None:
-        """Run every batch size the batcher can form, so none pays a first-call cost while serving."""
-        for size in range(1, max_batch_size + 1):
-            self.probabilities(np.zeros((size, *self.image_shape), dtype=np.uint8))
+    def outputs(self, images: np.ndarray) -> np.ndarray:
+        """Logits and probabilities, [N, 2, classes], from one run of the graph."""
+        session = self.bulk_session if self.bulk_above and len(images) > self.bulk_above else self.session
+        return np.stack(session.run(list(OUTPUT_NAMES), {self.input_name: images}), axis=1)
+
+    def warm_up(self, max_batch_size: int, max_request_images: int = 0) -> None:
+        """Run every batch size the batcher can form, and the largest request, so none pays a first-call
+        cost while serving."""
+        sizes = [*range(1, max_batch_size + 1), *([max_request_images] if max_request_images > max_batch_size else [])]
+        for size in sizes:
+            self.outputs(np.zeros((size, *self.image_shape), dtype=np.uint8))

@@ -23,7 +23,8 @@ class ServingSettings:
     device: str  # SERVING_DEVICE: auto, cpu or cuda
     precision: str  # SERVING_PRECISION: auto (int8 on the CPU, fp32 on CUDA), fp32 or int8
     workers: int  # SERVING_WORKERS: service processes
-    threads: int  # SERVING_THREADS: onnxruntime intra-op threads per worker
+    threads: int  # SERVING_THREADS: onnxruntime intra-op threads per worker (default: the CPUs shared out)
+    bulk_threads: int  # SERVING_BULK_THREADS: threads for a request of more images than an adaptive batch holds
     max_batch_size: int  # SERVING_MAX_BATCH_SIZE: images per adaptive batch
     max_batch_images: int  # SERVING_MAX_BATCH_IMAGES: images in one /predict_batch request
     max_body_bytes: int  # SERVING_MAX_BODY_BYTES
@@ -31,6 +32,7 @@ class ServingSettings:
     timeout_s: int  # SERVING_TIMEOUT_S: how long a request may queue
     top_k: int  # SERVING_TOP_K: classes in each prediction's top_k
     trace_requests: bool  # SERVING_TRACE_REQUESTS: OpenTelemetry spans for the prediction routes
+    access_log: bool  # SERVING_ACCESS_LOG: BentoML's access log line for every request
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
@@ -58,12 +60,15 @@ class ServingSettings:
         precision = env.get("SERVING_PRECISION", "auto")
         if precision not in ("auto", "fp32", "int8"):
             raise SettingsError(f"SERVING_PRECISION={precision!r}: expected auto, fp32 or int8")
+        workers = integer("SERVING_WORKERS", cpus)
         return cls(
             model_tag=env.get("BENTO_MODEL_TAG") or default_model_tag(),
             device=device,
             precision=precision,
-            workers=integer("SERVING_WORKERS", cpus),
-            threads=integer("SERVING_THREADS", cpus),
+            workers=workers,
+            # more threads than CPUs in all made the p99 (benchmarks/serving_sweep.py)
+            threads=integer("SERVING_THREADS", max(1, cpus // workers)),
+            bulk_threads=integer("SERVING_BULK_THREADS", cpus),
             max_batch_size=integer("SERVING_MAX_BATCH_SIZE", 64),
             max_batch_images=integer("SERVING_MAX_BATCH_IMAGES", MAX_BATCH_IMAGES),
             max_body_bytes=integer("SERVING_MAX_BODY_BYTES", 16 * 1024 * 1024),
@@ -72,4 +77,6 @@ class ServingSettings:
             top_k=integer("SERVING_TOP_K", 3),
             # spans cost a third of the throughput and go nowhere until an exporter is configured
             trace_requests=boolean("SERVING_TRACE_REQUESTS", False),
+            # a log line per request costs a tenth of the event loop; refused requests are logged either way
+            access_log=boolean("SERVING_ACCESS_LOG", False),
         )
