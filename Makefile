@@ -18,7 +18,7 @@ MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: setup browser run run-full lint test ui serve doctor bench bench-train docs clean
+.PHONY: setup browser run run-full push pull lint test ui mlflow-server serve doctor bench bench-sweep bench-train docs clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,14 @@ run: setup
 # The `full` preset (pipelines/presets/full.yaml) as a DVC experiment: the configuration for a GPU.
 run-full: setup
 	$(BIN)/dvc exp run $$($(BIN)/python -m pipelines.preset full)
+
+# What a run made (data, models, the export) to and from the team's DVC remote `shared` (.dvc/config): after
+# `make pull`, `make serve` answers with no training.
+push: setup
+	$(BIN)/dvc push
+
+pull: setup
+	$(BIN)/dvc pull
 
 # Debian's Chromium and ChromeDriver for the browser tests (skipped, saying why, where they can't be installed).
 browser:
@@ -55,6 +63,11 @@ test: lint browser
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --host $(HOST) --port 5000
 
+# MLflow for a team: a tracking server on PostgreSQL with proxied artifacts (training/tracking_server.py);
+# every clone logs to it with MLFLOW_TRACKING_URI=http://<host>:5000.
+mlflow-server: setup
+	$(BIN)/python -m training.tracking_server --host $(HOST)
+
 serve: setup
 	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve serving.service:Classifier --host $(HOST) --port $(PORT)
 
@@ -65,6 +78,10 @@ doctor: setup
 
 bench: setup
 	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.serving
+
+# Our service under other splits of the CPUs into workers and threads, and other batch caps.
+bench-sweep: setup
+	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.serving_sweep
 
 # Our trainer against a tutorial-style DataLoader loop; needs the prepared data (`make run`).
 bench-train: setup

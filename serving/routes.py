@@ -8,6 +8,7 @@ bento at half that cost. Each route finds the service (its model, batcher and se
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
+from serving import oip
 from serving.inputs import ClientError, parse_batch, read_upload
 from serving.limits import BodyLimit
 from serving.schemas import ERRORS, Batch, Details, Prediction
@@ -25,7 +27,9 @@ from serving.settings import ServingSettings
 
 INLINE_BYTES = 64 * 1024  # smaller JSON bodies are parsed on the event loop; a thread hop costs more
 UI_DIR = Path(__file__).parent / "ui"
-PREDICTION_ROUTES = ["/predict", "/predict_batch"]
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/gif", "image/webp", "image/tiff")
+PREDICTION_ROUTES = ["/predict", "/predict_batch", "/v2/models"]
+log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
 router = APIRouter()
 
@@ -52,14 +56,17 @@ DETAILS = Query(
                     "schema": {
                         "type": "object",
                         "required": ["image"],
+                        "additionalProperties": False,
                         "properties": {
                             "image": {
                                 "type": "string",
                                 "format": "binary",
+                                "minLength": 1,
                                 "description": "an image file: PNG, JPEG, BMP, GIF, WebP, TIFF...",
                             }
                         },
-                    }
+                    },
+                    "encoding": {"image": {"contentType": ", ".join(IMAGE_TYPES)}},
                 }
             },
         }
@@ -71,7 +78,7 @@ async def predict(request: Request, details: bool = DETAILS) -> Response:
     with service.batcher.tracked():
         data = await read_upload(request, "image")
         image = await service.decode(data)
-        probabilities = await service.batcher(image)
+        probabilities = await service.probabilities(image)
         prediction = service.predictions(probabilities)[0]
         if details:
             prediction["probabilities"] = [
@@ -99,7 +106,7 @@ async def predict_batch(request: Request) -> Response:
         body = await request.body()
         args = (body, service.settings.max_batch_images, service.image_shape)
         images = parse_batch(*args) if len(body) <= INLINE_BYTES else await anyio.to_thread.run_sync(parse_batch, *args)
-        return json_response(service.predictions(await service.batcher(images)))
+        return json_response(service.predictions(await service.probabilities(images)))
 
 
 @router.get("/model")
@@ -115,7 +122,9 @@ async def demo_page() -> RedirectResponse:
 
 
 async def client_error(request: Request, exc: Exception) -> Response:
+    """A refused request: the client gets the reason, and so does the log (with or without access logging)."""
     assert isinstance(exc, ClientError)
+    log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
     return json_response({"error": exc.message}, exc.status)
 
 
@@ -125,5 +134,6 @@ def build_api(settings: ServingSettings) -> FastAPI:
     api.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     api.add_exception_handler(ClientError, client_error)
     api.include_router(router)
+    api.include_router(oip.router)
     api.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     return api

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -32,12 +32,30 @@ class Error(BaseModel):
     error: str = Field(description="what is wrong with the request")
 
 
+Pixel = Annotated[int, Field(ge=0, le=255)]
+Rows = Annotated[
+    list[Annotated[list[Pixel], Field(min_length=28, max_length=28)]],
+    Field(min_length=28, max_length=28, description="28 rows of 28 pixels"),
+]
+Flat = Annotated[list[Pixel], Field(min_length=784, max_length=784, description="784 pixels, row after row")]
+LIMIT = dict(min_length=1, max_length=MAX_BATCH_IMAGES, examples=[[EXAMPLE_IMAGE]])
+Images = Annotated[
+    list[Rows | Flat],
+    Field(
+        description=f"images, each 28x28 (or 784) integers 0-255; at most {MAX_BATCH_IMAGES} per request "
+        "(SERVING_MAX_BATCH_IMAGES)",
+        **LIMIT,
+    ),
+]
+# BentoML's clients encode nested lists by walking the schema, which takes no alternatives: rows only
+ImageRows = Annotated[
+    list[Rows],
+    Field(description=f"images, each 28 rows of 28 integers 0-255; at most {MAX_BATCH_IMAGES} per request", **LIMIT),
+]
+
+
 class Batch(BaseModel):
-    images: list[list] = Field(
-        description=f"images, each 28x28 (or 784) integers 0-255; at most "
-        f"{MAX_BATCH_IMAGES} per request (SERVING_MAX_BATCH_IMAGES)",
-        examples=[[EXAMPLE_IMAGE]],
-    )
+    images: Images
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": Error} for status in (400, 413, 415)}

@@ -1,7 +1,9 @@
 """The BentoML service: the exported champion over REST, adaptively batched on onnxruntime.
 
-Routes (serving.routes): POST /predict, POST /predict_batch, GET /model, GET /ui/; BentoML adds /livez,
-/readyz, /metrics and the docs at / (/docs.json). Settings: environment variables (serving.settings).
+Routes (serving.routes): POST /predict, POST /predict_batch, GET /model, GET /ui/, and the Open Inference
+Protocol under /v2 (serving.oip); the same predictions as BentoML APIs for BentoML's clients (POST
+/api/predict, /api/predict_batch, below); BentoML adds /livez, /readyz, /metrics and the docs at /
+(/docs.json). Settings: environment variables (serving.settings).
 Host and port: `bentoml serve --host --port` (`make serve HOST=... PORT=...`).
 
 BentoML reads the service's configuration (workers, timeout, tracing), its model and its mounted app when
@@ -10,28 +12,37 @@ it imports this module, so the settings are read here, once, and handed to every
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import anyio
 import bentoml
 import numpy as np
+from bentoml.exceptions import InvalidArgument
 from prometheus_client import Histogram
+from pydantic import Field
 
 from serving.batcher import MicroBatcher
-from serving.inputs import ClientError
+from serving.inputs import ClientError, images_to_array
+from serving.limits import ApiRequestGuard
+from serving.model_source import ModelMissingError, ensure_model
 from serving.model_store import MODEL_FILES
 from serving.preprocess import ImageError, open_image, to_model_input
 from serving.routes import PREDICTION_ROUTES, build_api
 from serving.runtime import OnnxClassifier, ProviderError, choose_precision, require_cuda
+from serving.schemas import ImageRows
 from serving.settings import ServingSettings, SettingsError
 
 try:
     SETTINGS = ServingSettings.from_env()
     if SETTINGS.device == "cuda":
         require_cuda()  # before any worker starts: refuse, naming the cause, rather than serve on the CPU
-except (SettingsError, ProviderError) as exc:
+    ensure_model(SETTINGS.model_tag)
+except (SettingsError, ProviderError, ModelMissingError) as exc:
     sys.exit(f"serving: {exc}")  # one line, not a traceback through BentoML's loader
 INLINE_PIXELS = 256 * 256  # smaller uploads are decoded on the event loop; a thread hop costs more
 BATCH_SIZES = Histogram(
@@ -53,6 +64,8 @@ class Classifier:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
+        if not SETTINGS.access_log:
+            logging.getLogger("bentoml.access").setLevel(logging.WARNING)
         stored = self.bento_model.info.metadata
         available = [p for p, (_, checksum) in MODEL_FILES.items() if checksum in stored]
         precision = choose_precision(SETTINGS.precision, SETTINGS.device, available or ["fp32"])
@@ -62,13 +75,14 @@ class Classifier:
             device=SETTINGS.device,
             threads=SETTINGS.threads,
             expected_sha256=stored.get(checksum),
+            bulk=(SETTINGS.bulk_threads, SETTINGS.max_batch_size),
         )
         self.metadata = self.model.metadata
         self.class_names = self.model.class_names
         self.image_shape = self.model.image_shape
         self.upload_fit = int(self.metadata["upload_fit"])
-        self.model.warm_up(SETTINGS.max_batch_size)
-        self.batcher = MicroBatcher(self.model.probabilities, SETTINGS.max_batch_size, on_batch=BATCH_SIZES.observe)
+        self.model.warm_up(SETTINGS.max_batch_size, SETTINGS.max_batch_images)
+        self.batcher = MicroBatcher(self.model.outputs, SETTINGS.max_batch_size, on_batch=BATCH_SIZES.observe)
         # Garbage-collector pauses were the p99: the start-up heap is never garbage (frozen, never scanned
         # again), and a larger young generation lets request objects die before they reach the old one.
         gc.collect()
@@ -111,6 +125,10 @@ class Classifier:
         except ImageError as exc:
             raise ClientError(str(exc)) from None
 
+    async def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, classes] of model inputs [N,1,28,28], batched with concurrent requests."""
+        return (await self.batcher(images))[:, 1]
+
     def predictions(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
         """One Prediction per row of class probabilities [N, classes]."""
         top = np.argsort(-probabilities, axis=1)[:, : self.settings.top_k]
@@ -125,3 +143,38 @@ class Classifier:
             }
             for labels, p in zip(top.tolist(), top_p, strict=True)
         ]
+
+    # BentoML's clients (`bentoml.SyncHTTPClient(url).predict(image=...)`) call these BentoML APIs: the answers
+    # of POST /predict and /predict_batch, from the same in-process batcher.
+
+    @bentoml.api(route="/api/predict")
+    async def predict(self, image: Annotated[Path, Field(json_schema_extra={"minLength": 1})]) -> dict[str, Any]:
+        """Classify one image file: what POST /predict answers."""
+        with self.batcher.tracked(), invalid_arguments():
+            probabilities = await self.probabilities(await self.decode(image.read_bytes()))
+            return self.predictions(probabilities)[0]
+
+    @bentoml.api(route="/api/predict_batch")
+    async def predict_batch(self, images: ImageRows) -> list[dict[str, Any]]:
+        """Classify images given as pixel arrays (each 28 rows of 28 integers 0-255): what POST /predict_batch
+        answers."""
+        with self.batcher.tracked(), invalid_arguments():
+            batch = images_to_array(images, self.settings.max_batch_images, self.image_shape)
+            return self.predictions(await self.probabilities(batch))
+
+
+# bentoml.service returns a Service, which its type hints present as the class
+Classifier.add_asgi_middleware(  # type: ignore[attr-defined]
+    ApiRequestGuard,
+    routes={"/api/predict": "multipart/form-data", "/api/predict_batch": "application/json"},
+    max_bytes=SETTINGS.max_body_bytes,
+)
+
+
+@contextlib.contextmanager
+def invalid_arguments():
+    """A ClientError as BentoML's InvalidArgument: a 400 naming what is wrong, on BentoML's API routes."""
+    try:
+        yield
+    except ClientError as exc:
+        raise InvalidArgument(exc.message) from None

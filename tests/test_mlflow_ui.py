@@ -80,6 +80,17 @@ def test_every_zoo_model_is_listed_with_its_metrics(mlflow_ui, runs, browser):
     browser.get(f"{mlflow_ui.url}/#/experiments/{experiment_id}/runs")
     wait_for(browser, lambda d: all(name in page_text(d) for name in ZOO), "every zoo model in the runs list")
     screenshot(browser, "mlflow-runs")
+    # the Dataset column: each run's training split, by name and digest, as logged with mlflow.log_input
+    trained_on = {
+        i.dataset.digest for run in by_name.values() for i in run.inputs.dataset_inputs if i.tags[0].value == "train"
+    }
+    assert len(trained_on) == 1  # the same prepared data for every model
+    shown = f"fashion-mnist ({next(iter(trained_on))})"
+    wait_for(
+        browser,
+        lambda d: "Dataset" in page_text(d) and shown in page_text(d),
+        "the training dataset in the runs list's Dataset column",
+    )
 
     metrics = ("val_accuracy", "best_val_accuracy", "test_loss", "test_accuracy")
     for name in ZOO:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tests.serving_fixtures import png, serving
 
 pytestmark = pytest.mark.slow
-EXAMPLES = 600
+EXAMPLES = 900
 MAX_BODY = 1024 * 1024
 
 json_values = st.recursive(
@@ -80,6 +80,48 @@ batch_requests = st.tuples(
     ),
     batch_bodies,
 )
+oip_tensors = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.sampled_from(["images", "input", "", 7]),
+        "datatype": st.sampled_from(["UINT8", "FP32", "INT64", "BYTES", None]),
+        "shape": st.one_of(
+            st.lists(st.integers(-2, 30), max_size=5), st.sampled_from([[1, 1, 28, 28], [2, 1, 28, 28], [0, 1, 28, 28]])
+        ),
+        "data": st.one_of(near_images, st.lists(st.integers(-5, 300), min_size=784, max_size=784), json_values),
+        "parameters": st.one_of(json_values, st.builds(lambda n: {"binary_data_size": n}, st.integers(-1, 2000))),
+    },
+)
+oip_outputs = st.none() | st.lists(
+    st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {"name": st.sampled_from(["probabilities", "logits", "scores"])}, optional={"parameters": json_values}
+        ),
+    ),
+    max_size=3,
+)
+
+
+def oip_request(name: str, tensors: list, outputs: list | None, binary: bytes, header_length: str | None) -> tuple:
+    header = json.dumps({"inputs": tensors} | ({} if outputs is None else {"outputs": outputs})).encode()
+    length = {} if header_length is None else {"inference-header-content-length": header_length or str(len(header))}
+    return f"/v2/models/{name}/infer", "application/octet-stream", header + binary, length
+
+
+oip_requests = st.builds(  # Open Inference Protocol: JSON tensors, or a JSON header and binary tensor data
+    oip_request,
+    st.sampled_from(["fashion-mnist-classifier", "mnist-classifier", "x"]),
+    st.lists(oip_tensors, max_size=2),
+    oip_outputs,
+    st.one_of(st.just(b""), st.binary(max_size=900), st.just(bytes(784))),
+    st.one_of(st.none(), st.just(""), st.sampled_from(["-1", "0", "99999", "abc"])),
+)
+bentoml_api_requests = st.tuples(  # BentoML's own API routes, for its clients
+    st.sampled_from(["/api/predict_batch", "/api/predict"]),
+    st.sampled_from(["application/json", "multipart/form-data; boundary=xyz", ""]),
+    batch_bodies,
+)
 other_requests = st.tuples(
     st.sampled_from(["/predict/", "/predict_batch?images=1", "/model", "/infer", "/%00", "/docs.json"]),
     st.sampled_from(["application/json", ""]),
@@ -102,18 +144,20 @@ def test_malformed_requests_never_get_a_5xx(server, served_model):
     @settings(
         max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
     )
-    @given(st.one_of(predict_requests, batch_requests, other_requests))
+    @given(st.one_of(predict_requests, batch_requests, oip_requests, bentoml_api_requests, other_requests))
     def send(request):
-        path, content_type, body = request
+        path, content_type, body, *extra_headers = request
         headers = {"content-type": content_type} if content_type else {}
+        headers.update(*extra_headers)
         response = session.post(server.url + path, data=body, headers=headers, timeout=30)
         statuses.append(response.status_code)
         assert response.status_code < 500, (path, content_type, body[:200], response.text)
-        if 400 <= response.status_code < 500 and path in ("/predict", "/predict_batch"):
+        ours = path.split("?")[0] in ("/predict", "/predict_batch") or path.startswith("/v2/")
+        if 400 <= response.status_code < 500 and ours:
             assert response.json()["error"], response.text  # a message that names the problem
 
     send()
-    assert len(statuses) >= 500
+    assert len(statuses) >= 750
     assert sum(400 <= s < 500 for s in statuses) > 0.9 * len(statuses)
     # still answers a good request correctly
     good = requests.post(f"{server.url}/predict", files={"image": ("x.png", png(served_model["x"][0, 0]))}, timeout=30)

@@ -146,9 +146,10 @@ class Prepared:
         with np.load(path, allow_pickle=False) as f:
             return cls({k: f[k] for k in f.files})
 
-    def digest(self) -> str:
+    def digest(self, split: str | None = None) -> str:
+        """sha256 of every array, or of one split's images and labels."""
         h = hashlib.sha256()
-        for key in sorted(self.arrays):
+        for key in sorted(self.arrays if split is None else (f"x_{split}", f"y_{split}")):
             h.update(key.encode())
             h.update(np.ascontiguousarray(self.arrays[key]).tobytes())
         return h.hexdigest()

@@ -12,6 +12,7 @@ import torch
 from training import tracking
 from training.config import Params
 from training.data import Prepared
+from training.datasets import get_spec
 from training.distributed import Distributed
 from training.models import build_model, count_parameters
 from training.trainer import seed_everything, train
@@ -43,7 +44,10 @@ def train_zoo_model(
         return None
     n_params = count_parameters(model)
     tracking.setup(params.experiment_name)
-    with tracking.start_run(run_name=name, tags=tracking.run_tags(card["sha256"])) as active:
+    with tracking.start_run(run_name=name, tags=tracking.run_tags(card["sha256"]), log_system_metrics=True) as active:
+        splits = {"train": "train", "validation": "val", "test": "test"}  # MLflow's context: our split name
+        digests = {context: prepared.digest(split) for context, split in splits.items()}
+        tracking.log_datasets(card["dataset"], digests, get_spec(card["dataset"]).urls[0])
         mlflow.log_params(
             tracking.flatten(
                 {

@@ -8,12 +8,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 
 from training.errors import PipelineError
 
 # `dvc exp run --temp/--queue` runs each experiment in a copy of the repo under this folder
 DVC_EXPERIMENT_TEMP = "/.dvc/tmp/exps/"
+DIGEST_CHARS = 12  # of a dataset's sha256, as MLflow shows digests (its store holds at most 36)
 
 
 def repo_root() -> Path:
@@ -64,6 +67,15 @@ def run_tags(dataset_sha256: str) -> dict[str, str]:
         "dvc.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
         "dataset.sha256": dataset_sha256,
     }
+
+
+def log_datasets(name: str, digests: dict[str, str], source_url: str) -> None:
+    """The prepared splits as the active run's MLflow dataset inputs (the runs list's Dataset column and
+    filter): the dataset's name, each split's digest, the official files' home as source, the split as context."""
+    for split, digest in digests.items():
+        source = HTTPDatasetSource(source_url)
+        dataset = MetaDataset(source, name=name, digest=digest[:DIGEST_CHARS])  # type: ignore[abstract]
+        mlflow.log_input(dataset, context=split)
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, str]:
