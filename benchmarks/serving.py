@@ -52,6 +52,14 @@ DATASET = REPO / "data" / "prepared" / "dataset.npz"
 WORKERS = int(os.environ.get("SERVING_WORKERS", str(os.cpu_count() or 1)))
 
 
+def payload_images() -> np.ndarray:
+    """The test images every request is made of, uint8 [2048, 28, 28]; exits when `make run` has not run."""
+    if not EXPORT_INT8.is_file() or not DATASET.is_file():
+        sys.exit("run `make run` first: the benchmark serves the exported champion")
+    with np.load(DATASET) as data:
+        return np.ascontiguousarray(data["x_test"][:2048, 0])
+
+
 def start(name: str, folder: Path) -> ChildServer:
     log = folder / f"{name}.log"
     if name == "ours":
@@ -267,10 +275,7 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=100_000, help="0 to skip")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "serving.json")
     args = parser.parse_args()
-    if not EXPORT_INT8.is_file() or not DATASET.is_file():
-        sys.exit("run `make run` first: the benchmark serves the exported champion")
-    with np.load(DATASET) as data:
-        images = np.ascontiguousarray(data["x_test"][:2048, 0])
+    images = payload_images()
     metadata = read_metadata(EXPORT)
     results: dict = {
         "machine": {

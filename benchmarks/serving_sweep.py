@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.local_server import REPO, LocalServer
-from benchmarks.serving import DATASET, EXPORT_INT8, loadgen, median_of
+from benchmarks.serving import loadgen, median_of, payload_images
 from serving.settings import ServingSettings
 from training.progress import progress
 
@@ -57,10 +56,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "serving_sweep.json")
     args = parser.parse_args()
-    if not EXPORT_INT8.is_file() or not DATASET.is_file():
-        sys.exit("run `make run` first: the sweep serves the exported champion")
-    with np.load(DATASET) as data:
-        images = np.ascontiguousarray(data["x_test"][:2048, 0])
+    images = payload_images()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         payloads = Path(tmp) / "images.npy"
