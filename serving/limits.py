@@ -78,7 +78,7 @@ class ApiRequestGuard:
             return await reject(send, ClientError(f"send {wanted} (got content type {content_type or 'none'!r})"))
         if not multipart:
             return await self.app(scope, receive, send)
-        body = b""
+        body = bytearray()
         while True:
             message = await receive()
             body += message.get("body", b"")
@@ -87,12 +87,13 @@ class ApiRequestGuard:
                 return await reject(send, ClientError(limit, status=413))
             if not message.get("more_body"):
                 break
+        data = bytes(body)
         try:
-            async with Request(scope, replaying(body, receive)).form():
+            async with Request(scope, replaying(data, receive)).form():
                 pass
         except Exception as exc:  # the multipart parser's errors are the client's malformed body
             return await reject(send, ClientError(f"malformed multipart body: {exc}"))
-        return await self.app(scope, replaying(body, receive), send)
+        return await self.app(scope, replaying(data, receive), send)
 
 
 def replaying(body: bytes, receive):

@@ -179,14 +179,15 @@ def _images(header: dict, binary: bytes, service: Any) -> np.ndarray:
             )
         values = np.frombuffer(binary, dtype=dtype)
     else:
-        values = _json_data(tensor.get("data"), dtype, size, dims)
-    if datatype == "FP32" and not ((values >= 0) & (values <= 255) & (values == np.round(values))).all():
-        raise ClientError("FP32 pixel values must be whole numbers 0-255")  # NaN fails every comparison
+        values = _json_data(tensor.get("data"), size, dims)
+    # binary UINT8 holds nothing else; NaN fails every comparison
+    if values.dtype != np.uint8 and not ((values >= 0) & (values <= 255) & (values == np.round(values))).all():
+        raise ClientError(f"{datatype} pixel values must be whole numbers 0-255")
     return values.astype(np.uint8).reshape(count, *shape)
 
 
-def _json_data(data: Any, dtype: np.dtype, size: int, dims: list[int]) -> np.ndarray:
-    """JSON tensor data, flat or nested, checked against the declared size and the datatype's range."""
+def _json_data(data: Any, size: int, dims: list[int]) -> np.ndarray:
+    """JSON tensor data, flat or nested, as float64 values checked against the declared size."""
     if not isinstance(data, list):
         raise ClientError("the input tensor has no `data` (nor binary_data_size for binary tensor data)")
     try:
@@ -195,9 +196,7 @@ def _json_data(data: Any, dtype: np.dtype, size: int, dims: list[int]) -> np.nda
         raise ClientError("input tensor `data` must be numbers") from None
     if values.size != size:
         raise ClientError(f"input tensor `data` holds {values.size} values; shape {dims} needs {size}")
-    if dtype == np.uint8 and not (((values >= 0) & (values <= 255) & (values == np.round(values))).all()):
-        raise ClientError("UINT8 values must be whole numbers 0-255")
-    return values.astype(dtype)
+    return values
 
 
 def _requested(output: Any) -> tuple[str, bool]:
