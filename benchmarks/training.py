@@ -15,7 +15,6 @@ Prints tables and writes JSON (benchmarks/results/training.json).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
@@ -29,10 +28,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from serving.files import read_json
+from training.checkpoint import new_model
 from training.config import CARD_FILE, DATASET_FILE, Params, TrainConfig, TtaSettings
 from training.data import Prepared
 from training.evaluation import predict_logits
-from training.models import TestTimeAugmented, build_model
+from training.models import TestTimeAugmented
 from training.progress import progress
 from training.trainer import make_optimizer, make_scheduler, resolve_device, seed_everything, train
 
@@ -91,7 +91,7 @@ def tutorial_epoch(
 
 
 def our_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> float:
-    one_epoch = dataclasses.replace(config, epochs=1, patience=0, verbose=0)
+    one_epoch = config.model_copy(update={"epochs": 1, "patience": 0, "verbose": 0})
     result = train(model, x, y, x[:256], y[:256], one_epoch)
     return len(x) / result.history[0]["seconds"]
 
@@ -115,7 +115,7 @@ def time_to_accuracy(model, data: Prepared, config: TrainConfig, tta: TtaSetting
         torch.from_numpy(data.labels("train")),
         torch.from_numpy(data.images("val")),
         torch.from_numpy(data.labels("val")),
-        dataclasses.replace(config, patience=0, verbose=0),
+        config.model_copy(update={"patience": 0, "verbose": 0}),
         on_epoch_end=check,
     )
     reached = next((point for point in curve if point["test_accuracy"] >= target), None)
@@ -167,7 +167,7 @@ def main() -> None:
 
     def fresh_model() -> torch.nn.Module:
         seed_everything(config.seed)
-        return build_model(args.model, params.architecture_options(args.model), card["pixel_mean"], card["pixel_std"])
+        return new_model(args.model, params, card)
 
     count = args.images or len(data.images("train"))
     x, y = data.images("train")[:count], data.labels("train")[:count]
@@ -198,7 +198,7 @@ def main() -> None:
         "images_per_pass": count,
         "dataloader_workers": args.workers,
         "threads": torch.get_num_threads(),
-        "train_config": dataclasses.asdict(config),
+        "train_config": config.model_dump(),
         "throughput": rows,
         "median": median,
         "time_to_accuracy": accuracy,

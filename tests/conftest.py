@@ -52,6 +52,16 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def zoo_model(name: str, mean: float = 0.0, std: float = 1.0, **changes):
+    """Zoo model `name` as the committed params.yaml defines it, with `changes` to its options, for 10 classes."""
+    from training.config import Params, load_params
+    from training.models import build_model
+
+    raw = load_params(REPO / "params.yaml")
+    raw["models"][name].update(changes)
+    return build_model(Params.from_dict(raw).model_entry(name), 10, mean, std)
+
+
 def require_shared_datasets() -> Path:
     if not (SHARED_DATASETS / "fashion-mnist").is_dir():
         pytest.skip(f"the offline dataset copies are not at {SHARED_DATASETS}")

@@ -16,12 +16,11 @@ import torch
 from PIL import Image
 
 from benchmarks.local_server import LocalServer
-from tests.conftest import REPO, require_shared_datasets
+from tests.conftest import REPO, require_shared_datasets, zoo_model
 from training.config import TrainConfig, load_params
 from training.data import load_idx_pair
 from training.datasets import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, get_spec
 from training.export import export_onnx
-from training.models import build_model
 from training.quantize import quantize_int8
 from training.trainer import seed_everything, train
 
@@ -43,7 +42,7 @@ def small_net() -> SmallNet:
     x, y = load_idx_pair(raw / TRAIN_IMAGES, raw / TRAIN_LABELS, 10)
     x_test, y_test = load_idx_pair(raw / TEST_IMAGES, raw / TEST_LABELS, 10)
     seed_everything(0)
-    net = build_model("mlp_512", mean=0.286, std=0.353)
+    net = zoo_model("mlp_512", mean=0.286, std=0.353)
     x, y = x.copy(), y.copy()  # writable, as torch wants
     train(
         net,
@@ -51,7 +50,9 @@ def small_net() -> SmallNet:
         torch.from_numpy(y[:6000]),
         torch.from_numpy(x[6000:7000]),
         torch.from_numpy(y[6000:7000]),
-        TrainConfig.from_dict({**load_params(REPO / "params.yaml")["train"], "epochs": 2, "verbose": 0, "lr": 2e-3}),
+        TrainConfig.model_validate(
+            {**load_params(REPO / "params.yaml")["train"], "epochs": 2, "verbose": 0, "lr": 2e-3}
+        ),
     )
     return SmallNet(net.eval(), x[:6000], x_test, y_test)
 

@@ -80,3 +80,20 @@ def test_interrupted_training_then_repro_completes(tmp_path):
     assert json.loads((repo / "champion.json").read_text())["model"] == MODEL
     assert statuses[json.loads((repo / "champion.json").read_text())["run_id"]] == "FINISHED"
     assert "up to date" in run([str(VENV_BIN / "dvc"), "status"], repo, env)
+
+
+def test_a_typo_in_params_stops_dvc_repro_in_one_line_before_anything_trains(tmp_path):
+    """`dropuot: 0.5` under models.cnn_deep_a: the first stage refuses the whole params.yaml, naming the key."""
+    repo = copy_repo(tmp_path / "repo")
+    edit_params(repo, {"train": 500, "test": 200}, ["mlp_relu_10", "cnn_deep_a"], lambda p: None)
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("  cnn_deep_a:\n", "  cnn_deep_a:\n    dropuot: 0.5\n", 1))
+    env = stage_env(require_shared_datasets(), tmp_path / "bentoml")
+    done = subprocess.run(
+        [str(VENV_BIN / "dvc"), "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if " ERROR pipeline: " in line]
+    assert len(errors) == 1 and "unknown key 'dropuot' in models.cnn_deep_a; allowed: activation," in errors[0]
+    assert "Traceback" not in done.stderr and "epoch" not in done.stdout + done.stderr
+    assert not (repo / "models").exists() and not (repo / "mlflow.db").exists()

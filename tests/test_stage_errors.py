@@ -41,13 +41,26 @@ def test_a_bug_is_not_swallowed():
 def test_params_are_validated_once_with_the_key_named():
     raw = load_params()
     raw["evaluate"]["batch_size"] = "big"
-    with pytest.raises(PipelineError, match=r"params\.yaml\.evaluate\.batch_size is 'big'; expected int"):
+    with pytest.raises(
+        PipelineError, match=r"^params\.yaml: evaluate\.batch_size is 'big': Input should be a valid integer$"
+    ):
         Params.from_dict(raw)
     raw = load_params()
     raw["data"]["dataset"] = "cifar"
-    with pytest.raises(ConfigError, match="unknown dataset 'cifar'"):
+    with pytest.raises(ConfigError, match=r"data\.dataset is 'cifar': unknown dataset 'cifar'"):
         Params.from_dict(raw)
     raw = load_params()
     raw["zoo"].append("vgg")
-    with pytest.raises(ConfigError, match=r"no entry models\.vgg"):
+    with pytest.raises(ConfigError, match=r"zoo names \['vgg'\], with no entry under models"):
         Params.from_dict(raw)
+
+
+def test_a_typo_in_a_model_entry_names_the_key_its_group_and_the_keys_allowed():
+    raw = load_params()
+    raw["models"]["cnn_deep_a"]["dropuot"] = 0.5
+    with pytest.raises(ConfigError) as refused:
+        Params.from_dict(raw)
+    assert str(refused.value) == (
+        "params.yaml: unknown key 'dropuot' in models.cnn_deep_a; allowed: activation, architecture, batch_norm, "
+        "dense, dense_dropout, dropout, global_pool, init, train, widths"
+    )

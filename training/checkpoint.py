@@ -18,9 +18,14 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def new_model(name: str, params: Params, card: dict) -> torch.nn.Sequential:
+    """The zoo model `name`, freshly initialised, for the dataset the prepared data's card describes."""
+    return build_model(params.model_entry(name), len(card["class_names"]), card["pixel_mean"], card["pixel_std"])
+
+
 def load_trained(name: str, params: Params, card: dict, tta: TtaSettings | None = None) -> torch.nn.Module:
     """The zoo model `name` with its trained weights, in eval mode, on the CPU; with `tta` it averages
     its logits over the views that setting names."""
-    model = build_model(name, params.architecture_options(name), card["pixel_mean"], card["pixel_std"])
+    model = new_model(name, params, card)
     model.load_state_dict(torch.load(weights_path(name), map_location="cpu", weights_only=True))
     return (TestTimeAugmented(model, tta) if tta else model).eval()

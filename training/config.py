@@ -1,19 +1,19 @@
-"""params.yaml, read and validated once: one typed settings object per group, and where each stage writes.
+"""params.yaml, read and validated once: one typed settings model per group, and where each stage writes.
 
-params.yaml holds every default; the dataclasses here have none, so a value lives in exactly one place.
+params.yaml holds every default; the models here have none, so a value lives in exactly one place. Every
+group refuses keys it does not know (pydantic's `extra="forbid"`), and each entry of `models:` is checked
+against the options of its `architecture`, so a typo stops the pipeline with one line naming it.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from training.datasets import DatasetSpec, get_spec
 from training.errors import ConfigError
@@ -38,8 +38,13 @@ REPORT_FIGURES_DIR = REPORTS_DIR / "figures"
 CHAMPION_FILE = Path("champion.json")
 EXPORT_DIR = Path("export")
 
-OPTIMIZERS = ("sgd", "sgd_momentum", "adagrad", "adam", "adamw")
-SCHEDULES = ("none", "cosine", "onecycle")
+PositiveInt = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
+Init = Literal["he", "xavier", "zeros"]  # zeros makes every unit identical: the net cannot learn
+Optimizer = Literal["sgd", "sgd_momentum", "adagrad", "adam", "adamw"]
+Schedule = Literal["none", "cosine", "onecycle"]
 
 
 def weights_path(name: str) -> Path:
@@ -50,60 +55,23 @@ def summary_path(name: str) -> Path:
     return MODELS_DIR / name / "train.json"
 
 
-Settings = TypeVar("Settings")
+class Group(BaseModel):
+    """A params.yaml group: every key known, none missing, types checked (strictly: no bool for a number)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-def _check_type(value: Any, expected: Any, where: str) -> Any:
-    """`value` as the settings field of type `expected` takes it; a nested group becomes its dataclass."""
-    if isinstance(expected, type) and dataclasses.is_dataclass(expected):
-        return build(expected, value, where)
-    origin = typing.get_origin(expected)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(expected):
-            try:
-                return _check_type(value, option, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where} is {value!r}; expected {expected}")
-    if origin in (list, dict):
-        if not isinstance(value, origin):
-            raise ConfigError(f"{where} is {value!r}; expected a {origin.__name__}")
-        return value
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{where} is {value!r}; expected {expected.__name__}")
-    return value
-
-
-def build(cls: type[Settings], values: Any, where: str) -> Settings:
-    """The settings dataclass `cls` from a params.yaml group: every key known, none missing, types checked."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping of settings, not {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown, missing = set(values) - set(names), set(names) - set(values)
-    if unknown:
-        raise ConfigError(f"unknown {where} params {sorted(unknown)}; known: {sorted(names)}")
-    if missing:
-        raise ConfigError(f"params.yaml is missing {where} params {sorted(missing)}")
-    return cls(**{name: _check_type(values[name], hints[name], f"{where}.{name}") for name in names})
-
-
-@dataclass(frozen=True)
-class SplitFiles:
+class SplitFiles(Group):
     train: str
     test: str
 
 
-@dataclass(frozen=True)
-class SubsetSizes:
-    train: int  # stratified subsets for quick runs; 0 keeps every image
-    test: int
+class SubsetSizes(Group):
+    train: Count  # stratified subsets for quick runs; 0 keeps every image
+    test: Count
 
 
-@dataclass(frozen=True)
-class DataSettings:
+class DataSettings(Group):
     dataset: str
     mirror: str
     val_size: int | float  # a count of images, or a fraction when below 1
@@ -111,57 +79,119 @@ class DataSettings:
     subset: SubsetSizes
     csv: SplitFiles
 
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        try:
+            get_spec(name)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return name
+
+    @field_validator("val_size")
+    @classmethod
+    def _count_or_fraction(cls, size: float) -> float:
+        if not (0 < size < 1 or (isinstance(size, int) and size >= 1)):
+            raise ValueError("expected a count of images (1 or more) or a fraction between 0 and 1")
+        return size
+
     @property
     def spec(self) -> DatasetSpec:
         return get_spec(self.dataset)
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Group):
     """One model's training settings: the `train` group with the model's own overrides applied."""
 
-    epochs: int
-    batch_size: int
-    optimizer: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    schedule: str
-    label_smoothing: float
-    patience: int  # epochs without validation improvement before stopping; 0 = never stop early
-    min_delta: float
-    translate: int  # random translation, in pixels
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    optimizer: Optimizer
+    lr: Annotated[float, Field(gt=0)]
+    momentum: Fraction
+    weight_decay: Annotated[float, Field(ge=0)]
+    schedule: Schedule
+    label_smoothing: Fraction
+    patience: Count  # epochs without validation improvement before stopping; 0 = never stop early
+    min_delta: Annotated[float, Field(ge=0)]
+    translate: Count  # random translation, in pixels
     hflip: bool  # only honoured where the dataset allows it
-    erase: float  # fraction of images with one random rectangle blacked out
+    erase: Fraction  # fraction of images with one random rectangle blacked out
     amp: bool  # bf16 autocast where the device computes bf16 natively (CUDA, AVX512/AMX CPUs)
     channels_last: bool
     compile: bool  # torch.compile the training step (minutes of compiling; pays off on GPUs)
-    device: str
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
     seed: int
-    verbose: str | int  # 0 silent, 1 progress bar, 2 one line per epoch; auto: bar on a terminal
-    eval_batch_size: int
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "train") -> TrainConfig:
-        config = build(cls, values, where)
-        if config.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {config.optimizer!r}; choose one of {list(OPTIMIZERS)}")
-        if config.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {config.schedule!r}; choose one of {list(SCHEDULES)}")
-        return config
+    verbose: Literal["auto", 0, 1, 2]  # 0 silent, 1 progress bar, 2 one line per epoch; auto: bar on a terminal
+    eval_batch_size: PositiveInt
 
 
-@dataclass(frozen=True)
-class DistributedSettings:
+class ModelOptions(Group):
+    """What every zoo entry has: its architecture's options, and `train:` overrides of the shared group."""
+
+    init: Init
+    train: dict[str, Any] = Field(default_factory=dict)  # checked key by key in Params.train_config
+
+
+class MlpLinear(ModelOptions):
+    """784 -> hidden -> classes with no activation: a linear model however many layers it has."""
+
+    architecture: Literal["mlp_linear"]
+    hidden: PositiveInt
+
+
+class Mlp(ModelOptions):
+    architecture: Literal["mlp"]
+    hidden: list[PositiveInt]
+    activation: Activation
+    dropout: Fraction
+    batch_norm: bool
+
+
+class CnnBasic(ModelOptions):
+    architecture: Literal["cnn_basic"]
+    activation: Activation
+    dropout: Fraction
+    batch_norm: bool
+
+
+class CnnDeep(ModelOptions):
+    architecture: Literal["cnn_deep"]
+    widths: list[PositiveInt]
+    dense: PositiveInt
+    activation: Activation
+    dropout: Fraction
+    dense_dropout: Fraction
+    batch_norm: bool
+    global_pool: bool
+
+
+class ResNet(ModelOptions):
+    architecture: Literal["resnet"]
+    stem: PositiveInt
+    stem_stride: Literal[1, 2]
+    widths: list[PositiveInt]
+    blocks: list[PositiveInt]
+    dropout: Fraction
+
+    @model_validator(mode="after")
+    def _a_block_count_per_width(self) -> ResNet:
+        if len(self.widths) != len(self.blocks):
+            raise ValueError(f"widths {self.widths} and blocks {self.blocks} must have one entry per stage each")
+        return self
+
+
+Architecture = Annotated[MlpLinear | Mlp | CnnBasic | CnnDeep | ResNet, Field(discriminator="architecture")]
+
+
+class DistributedSettings(Group):
     launcher: str
 
 
-@dataclass(frozen=True)
-class TtaSettings:
+class TtaSettings(Group):
     """Test-time augmentation, one setting for the evaluate stage and the exported graph alike."""
 
     flip: bool  # the mirror images too (models trained with hflip only)
-    shift: int  # copies shifted this many pixels up, down, left and right (models trained with translate)
+    shift: Count  # copies shifted this many pixels up, down, left and right (models trained with translate)
 
     @property
     def views(self) -> int:
@@ -172,41 +202,37 @@ class TtaSettings:
         return f"{' and '.join(kinds)}: {self.views} views" if kinds else "none"
 
 
-@dataclass(frozen=True)
-class EvaluateSettings:
-    batch_size: int
-    misclassified: int
+class EvaluateSettings(Group):
+    batch_size: PositiveInt
+    misclassified: Count
 
 
-@dataclass(frozen=True)
-class MlflowSettings:
+class MlflowSettings(Group):
     experiment: str
     registered_model: str
     alias: str
 
 
-@dataclass(frozen=True)
-class Int8Settings:
-    calibration_images: int  # training images the static quantization calibrates on
-    max_accuracy_drop: float  # test accuracy (a fraction) the int8 model may lose against fp32
-    min_agreement: float  # fraction of test images on which int8 and fp32 must predict the same class
+class Int8Settings(Group):
+    calibration_images: PositiveInt  # training images the static quantization calibrates on
+    # test accuracy (a fraction) the int8 model may lose against fp32; below 0, what it must gain
+    max_accuracy_drop: Annotated[float, Field(ge=-1, le=1)]
+    min_agreement: Fraction  # fraction of test images on which int8 and fp32 must predict the same class
 
 
-@dataclass(frozen=True)
-class ExportSettings:
-    parity_atol: float
+class ExportSettings(Group):
+    parity_atol: Annotated[float, Field(gt=0)]
     bentoml_model: str
     int8: Int8Settings
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(Group):
     """Every params.yaml group, validated; each zoo model's effective settings on demand."""
 
     data: DataSettings
     zoo: list[str]
-    train: dict[str, Any]  # shared by every model; see train_config
-    models: dict[str, Any]
+    train: TrainConfig  # shared by every model; see train_config
+    models: dict[str, Architecture]
     distributed: DistributedSettings
     tta: TtaSettings
     evaluate: EvaluateSettings
@@ -214,12 +240,16 @@ class Params:
     export: ExportSettings
 
     @classmethod
-    def from_dict(cls, values: dict) -> Params:
-        params = build(cls, values, "params.yaml")
-        get_spec(params.data.dataset)  # an unknown dataset fails here, once
-        if params.tta.shift < 0:
-            raise ConfigError(f"tta.shift is {params.tta.shift}; it counts pixels, 0 or more")
-        for name in params.zoo:
+    def from_dict(cls, values: Any) -> Params:
+        """The validated params, or a ConfigError naming the first key that is wrong, in one line."""
+        try:
+            params = cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(describe_error(exc, cls)) from None
+        missing = [name for name in params.zoo if name not in params.models]
+        if missing:
+            raise ConfigError(f"params.yaml: zoo names {missing}, with no entry under models ({list(params.models)})")
+        for name in params.models:
             params.train_config(name)
         return params
 
@@ -227,23 +257,19 @@ class Params:
     def load(cls, path: Path = PARAMS_FILE) -> Params:
         return cls.from_dict(load_params(path))
 
-    def model_entry(self, name: str) -> dict:
-        """The model's own entry: architecture options plus optional `train` overrides."""
+    def model_entry(self, name: str) -> ModelOptions:
         if name not in self.models:
             raise ConfigError(f"params.yaml has no entry models.{name}")
-        return copy.deepcopy(self.models[name] or {})
+        return self.models[name]
 
     def train_config(self, name: str) -> TrainConfig:
         """Shared `train` params, then the model's overrides; hflip only where the dataset allows it."""
-        values = {**self.train, **self.model_entry(name).get("train", {})}
-        config = TrainConfig.from_dict(values, where=f"train (models.{name})")
-        config.hflip = config.hflip and self.data.spec.hflip_ok
-        return config
-
-    def architecture_options(self, name: str) -> dict:
-        options = self.model_entry(name)
-        options.pop("train", None)
-        return options
+        values = {**self.train.model_dump(), **self.model_entry(name).train}
+        try:
+            config = TrainConfig.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(describe_error(exc, TrainConfig, ("models", name, "train"))) from None
+        return config.model_copy(update={"hflip": config.hflip and self.data.spec.hflip_ok})
 
     def tta_for(self, name: str) -> TtaSettings:
         """The test-time augmentation model `name` gets: the `tta` group's views, each only where the model
@@ -263,6 +289,54 @@ class Params:
     @property
     def bentoml_model_name(self) -> str:
         return self.export.bentoml_model.format(dataset=self.data.dataset)
+
+
+def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str | int], Any]:
+    """Follow `loc` (pydantic's path to an error) from `root`: the params.yaml keys it names (a tagged
+    union's tag left out) and the type it ends at."""
+    node: Any = root
+    keys: list[str | int] = []
+    for part in loc:
+        if typing.get_origin(node) is Annotated:  # a tagged union: `part` is the tag, not a key
+            members = typing.get_args(typing.get_args(node)[0])
+            node = next(m for m in members if part in typing.get_args(m.model_fields["architecture"].annotation))
+            continue
+        keys.append(part)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(part))
+            node = field.annotation if field else None
+        elif typing.get_origin(node) in (dict, list):
+            node = typing.get_args(node)[-1]
+    return keys, node
+
+
+def _dotted(keys: list[str | int]) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".") or "the top level"
+
+
+def describe_error(error: ValidationError, root: type[BaseModel], prefix: tuple[str, ...] = ()) -> str:
+    """Pydantic's first validation error as one line that names the key, its group and what it takes;
+    `prefix` is where `root` sits in params.yaml, when it is not the whole file."""
+    errors = error.errors()
+    first, more = errors[0], f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    keys, _ = _walk(root, tuple(first["loc"]))
+    keys = [*prefix, *keys]
+    if first["type"] in ("extra_forbidden", "missing"):
+        _, group = _walk(root, tuple(first["loc"])[:-1])
+        where = _dotted(keys[:-1])
+        if first["type"] == "missing":
+            return f"params.yaml: {where} is missing {keys[-1]!r}{more}"
+        allowed = ", ".join(sorted(group.model_fields))
+        return f"params.yaml: unknown key {keys[-1]!r} in {where}; allowed: {allowed}{more}"
+    if first["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        tags = typing.get_args(Architecture)[0]
+        names = [typing.get_args(m.model_fields["architecture"].annotation)[0] for m in typing.get_args(tags)]
+        tag = first.get("ctx", {}).get("tag")
+        given = f" is {tag!r}" if tag else " is missing"
+        return f"params.yaml: {_dotted(keys)}.architecture{given}; choose one of {names}{more}"
+    value = first["input"]
+    shown = "" if isinstance(value, dict) else f" is {value!r}"
+    return f"params.yaml: {_dotted(keys)}{shown}: {first['msg'].removeprefix('Value error, ')}{more}"
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict:

@@ -15,7 +15,7 @@ from training.models import TestTimeAugmented
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Logits for uint8 images [N,1,28,28], in eval mode, batch by batch on the model's device."""
     device = next(model.parameters()).device
     was_training = model.training

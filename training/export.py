@@ -16,7 +16,6 @@ from training.progress import progress as progress_of
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
-PARITY_ATOL = 1e-4
 
 
 class ParityError(PipelineError):
@@ -77,8 +76,8 @@ def check_parity(
     net: torch.nn.Module,
     path: Path,
     images: np.ndarray,
+    atol: float,
     batch_size: int = 1000,
-    atol: float = PARITY_ATOL,
     progress: bool = False,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Compare ONNX Runtime (CPU) with PyTorch on every image; raise unless argmax agrees everywhere

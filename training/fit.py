@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import mlflow
@@ -10,11 +9,12 @@ import numpy as np
 import torch
 
 from training import tracking
+from training.checkpoint import new_model
 from training.config import Params
 from training.data import Prepared
 from training.datasets import get_spec
 from training.distributed import Distributed
-from training.models import build_model, count_parameters
+from training.models import count_parameters
 from training.trainer import seed_everything, train
 
 
@@ -33,9 +33,8 @@ def train_zoo_model(
     """Train zoo model `name` on the prepared data; the main rank logs it to MLflow and gets the result,
     any other torchrun rank trains its shard and gets None."""
     config = params.train_config(name)
-    options = params.architecture_options(name)
     seed_everything(config.seed)
-    model = build_model(name, options, card["pixel_mean"], card["pixel_std"])
+    model = new_model(name, params, card)
     x_train, y_train, x_val, y_val = (
         torch.from_numpy(prepared.arrays[k]) for k in ("x_train", "y_train", "x_val", "y_val")
     )
@@ -51,9 +50,9 @@ def train_zoo_model(
         mlflow.log_params(
             tracking.flatten(
                 {
-                    "model": {"name": name, **options},
-                    "train": dataclasses.asdict(config),
-                    "data": dataclasses.asdict(params.data),
+                    "model": {"name": name, **params.model_entry(name).model_dump(exclude={"train"})},
+                    "train": config.model_dump(),
+                    "data": params.data.model_dump(),
                 }
             )
         )

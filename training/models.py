@@ -1,4 +1,5 @@
-"""The model zoo: the course's MLPs and CNNs, each a named builder with its own options.
+"""The model zoo's architectures: the course's MLPs and CNNs and a small ResNet, each a builder of the
+options that training.config validates (every value comes from the model's entry in params.yaml).
 
 Every model starts with `Normalize`, so it takes raw pixels (uint8 or float, 0-255) of shape
 [N,1,28,28]: the preprocessing lives inside the network and travels with it to MLflow and ONNX.
@@ -6,24 +7,22 @@ Every model starts with `Normalize`, so it takes raw pixels (uint8 or float, 0-2
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import TtaSettings
+from training.config import CnnBasic, CnnDeep, Mlp, MlpLinear, ModelOptions, ResNet, TtaSettings
 from training.datasets import IMAGE_SHAPE, NUM_PIXELS
-from training.errors import ConfigError
 
-NUM_CLASSES = 10
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {  # the names training.config.Activation allows
     "relu": nn.ReLU,
     "leaky_relu": lambda: nn.LeakyReLU(0.01),
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
 }
-INITS = ("he", "xavier", "zeros")
 
 
 class Normalize(nn.Module):
@@ -41,79 +40,64 @@ class Normalize(nn.Module):
         return (x.float() / 255.0 - self.mean) / self.std
 
 
-def _act(name: str) -> nn.Module:
-    try:
-        return ACTIVATIONS[name]()
-    except KeyError:
-        raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
-
-
 def _conv_bn_act(c_in: int, c_out: int, activation: str, batch_norm: bool) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm)]
     if batch_norm:
         layers.append(nn.BatchNorm2d(c_out))
-    return [*layers, _act(activation)]
+    return [*layers, ACTIVATIONS[activation]()]
 
 
-def mlp_linear(hidden: int, **_) -> nn.Sequential:
-    """784 -> hidden -> 10 with no activation: a linear model however many layers it has."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(NUM_PIXELS, hidden), nn.Linear(hidden, NUM_CLASSES))
+def mlp_linear(options: MlpLinear, classes: int) -> nn.Sequential:
+    """784 -> hidden -> classes with no activation: a linear model however many layers it has."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(NUM_PIXELS, options.hidden), nn.Linear(options.hidden, classes))
 
 
-def mlp(hidden: list[int], activation: str = "relu", dropout: float = 0.0, batch_norm: bool = False, **_):
+def mlp(options: Mlp, classes: int) -> nn.Sequential:
+    """784 -> each hidden layer (optional batch norm, activation, dropout) -> classes."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = NUM_PIXELS
-    for h in hidden:
-        layers.append(nn.Linear(width, h, bias=not batch_norm))
-        if batch_norm:
+    for h in options.hidden:
+        layers.append(nn.Linear(width, h, bias=not options.batch_norm))
+        if options.batch_norm:
             layers.append(nn.BatchNorm1d(h))
-        layers.append(_act(activation))
-        if dropout:
-            layers.append(nn.Dropout(dropout))
+        layers.append(ACTIVATIONS[options.activation]())
+        if options.dropout:
+            layers.append(nn.Dropout(options.dropout))
         width = h
-    return nn.Sequential(*layers, nn.Linear(width, NUM_CLASSES))
+    return nn.Sequential(*layers, nn.Linear(width, classes))
 
 
-def cnn_basic(activation: str = "relu", batch_norm: bool = False, dropout: float = 0.0, **_):
+def cnn_basic(options: CnnBasic, classes: int) -> nn.Sequential:
     """The course's first CNN: (conv-act-maxpool) x2, then a 128-unit dense layer."""
     return nn.Sequential(
-        *_conv_bn_act(1, 32, activation, batch_norm),
+        *_conv_bn_act(1, 32, options.activation, options.batch_norm),
         nn.MaxPool2d(2),
-        *_conv_bn_act(32, 64, activation, batch_norm),
+        *_conv_bn_act(32, 64, options.activation, options.batch_norm),
         nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(64 * 7 * 7, 128),
-        _act(activation),
-        nn.Dropout(dropout),
-        nn.Linear(128, NUM_CLASSES),
+        ACTIVATIONS[options.activation](),
+        nn.Dropout(options.dropout),
+        nn.Linear(128, classes),
     )
 
 
-def cnn_deep(
-    widths: list[int],
-    dense: int,
-    activation: str = "relu",
-    batch_norm: bool = True,
-    dropout: float = 0.25,
-    dense_dropout: float = 0.5,
-    global_pool: bool = False,
-    **_,
-):
+def cnn_deep(options: CnnDeep, classes: int) -> nn.Sequential:
     """The course's "complex" CNNs: blocks of two convs + batch norm, max-pool and dropout."""
     layers: list[nn.Module] = []
     c_in, size = IMAGE_SHAPE[0], IMAGE_SHAPE[1]
-    for width in widths:
-        layers += _conv_bn_act(c_in, width, activation, batch_norm)
-        layers += _conv_bn_act(width, width, activation, batch_norm)
-        layers += [nn.MaxPool2d(2), nn.Dropout(dropout)]
+    for width in options.widths:
+        layers += _conv_bn_act(c_in, width, options.activation, options.batch_norm)
+        layers += _conv_bn_act(width, width, options.activation, options.batch_norm)
+        layers += [nn.MaxPool2d(2), nn.Dropout(options.dropout)]
         c_in, size = width, size // 2
-    if global_pool:
+    if options.global_pool:
         layers += [nn.AdaptiveAvgPool2d(1)]
         size = 1
-    layers += [nn.Flatten(), nn.Linear(c_in * size * size, dense, bias=not batch_norm)]
-    if batch_norm:
-        layers.append(nn.BatchNorm1d(dense))
-    layers += [_act(activation), nn.Dropout(dense_dropout), nn.Linear(dense, NUM_CLASSES)]
+    layers += [nn.Flatten(), nn.Linear(c_in * size * size, options.dense, bias=not options.batch_norm)]
+    if options.batch_norm:
+        layers.append(nn.BatchNorm1d(options.dense))
+    layers += [ACTIVATIONS[options.activation](), nn.Dropout(options.dense_dropout), nn.Linear(options.dense, classes)]
     return nn.Sequential(*layers)
 
 
@@ -140,41 +124,31 @@ class ResidualBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def resnet(
-    stem: int = 32,
-    widths: Sequence[int] = (64, 128, 256),
-    blocks: Sequence[int] = (1, 1, 1),
-    stem_stride: int = 2,
-    dropout: float = 0.0,
-    **_,
-):
+def resnet(options: ResNet, classes: int) -> nn.Sequential:
     """A small ResNet: a 3x3 stem, then stages of residual blocks, each stage after the first halving the
     resolution, global average pooling and one linear layer. With `stem_stride` 1 the first stage works
     on the full 28x28 (what buys accuracy on small images), with 2 on 14x14 (a third cheaper)."""
     layers: list[nn.Module] = [
-        nn.Conv2d(IMAGE_SHAPE[0], stem, 3, stride=stem_stride, padding=1, bias=False),
-        nn.BatchNorm2d(stem),
+        nn.Conv2d(IMAGE_SHAPE[0], options.stem, 3, stride=options.stem_stride, padding=1, bias=False),
+        nn.BatchNorm2d(options.stem),
         nn.ReLU(),
     ]
-    c_in = stem
-    for stage, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+    c_in = options.stem
+    for stage, (width, count) in enumerate(zip(options.widths, options.blocks, strict=True)):
         for index in range(count):
             layers.append(ResidualBlock(c_in, width, stride=2 if stage and not index else 1))
             c_in = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, NUM_CLASSES)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(options.dropout), nn.Linear(c_in, classes)]
     return nn.Sequential(*layers)
 
 
-# name -> (builder, the architecture's fixed shape); params.yaml adds the tunable options
-ZOO: dict[str, tuple[Callable[..., nn.Sequential], dict]] = {
-    "mlp_linear_1": (mlp_linear, {"hidden": 1}),
-    "mlp_linear_10": (mlp_linear, {"hidden": 10}),
-    "mlp_relu_10": (mlp, {"hidden": [10]}),
-    "mlp_512": (mlp, {"hidden": [512, 512], "dropout": 0.2}),
-    "cnn_basic": (cnn_basic, {}),
-    "cnn_deep_a": (cnn_deep, {"widths": [32, 64], "dense": 512}),
-    "cnn_deep_b": (cnn_deep, {"widths": [32, 64, 128], "dense": 256, "global_pool": False}),
-    "resnet": (resnet, {}),
+# architecture (a zoo entry's `architecture` in params.yaml) -> its builder
+BUILDERS: dict[str, Callable[[Any, int], nn.Sequential]] = {
+    "mlp_linear": mlp_linear,
+    "mlp": mlp,
+    "cnn_basic": cnn_basic,
+    "cnn_deep": cnn_deep,
+    "resnet": resnet,
 }
 
 
@@ -206,9 +180,7 @@ class TestTimeAugmented(nn.Module):
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:
-    """He (default), Xavier or zeros; zeros makes every unit identical, so the net cannot learn."""
-    if scheme not in INITS:
-        raise ConfigError(f"unknown init {scheme!r}; choose one of {list(INITS)}")
+    """He, Xavier or zeros; zeros makes every unit identical, so the net cannot learn."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             if scheme == "he":
@@ -221,15 +193,10 @@ def init_weights(model: nn.Module, scheme: str) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def build_model(name: str, options: dict | None = None, mean: float = 0.0, std: float = 1.0) -> nn.Sequential:
-    """A zoo model with its options (activation, init, dropout, batch_norm) applied."""
-    if name not in ZOO:
-        raise ConfigError(f"unknown model {name!r}; the zoo has {sorted(ZOO)}")
-    builder, shape = ZOO[name]
-    options = dict(options or {})
-    init = options.pop("init", "he")
-    net = builder(**{**shape, **options})
-    init_weights(net, init)
+def build_model(options: ModelOptions, classes: int, mean: float, std: float) -> nn.Sequential:
+    """A zoo model from its params.yaml entry, taking raw pixels (normalised with `mean` and `std` inside)."""
+    net = BUILDERS[options.architecture](options, classes)  # type: ignore[attr-defined]
+    init_weights(net, options.init)
     return nn.Sequential(Normalize(mean, std), *net)
 
 
