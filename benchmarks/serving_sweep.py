@@ -29,7 +29,7 @@ BATCH_CAPS = (16, 32, 64, 128)
 
 
 def defaults() -> dict[str, int]:
-    settings = ServingSettings.from_env({})
+    settings = ServingSettings.from_env()
     return {
         "SERVING_WORKERS": settings.workers,
         "SERVING_THREADS": settings.threads,

@@ -1,82 +1,112 @@
-"""The service's settings: environment variables, each default here and nowhere else, validated once."""
+"""The service's settings: environment variables, each default here and nowhere else, validated once.
+
+`make docs` writes the settings table in docs/serving.md from this class: a field's description is its
+documentation, and a default computed at start is described by its factory's docstring.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.model_store import default_model_tag
 
 MAX_BATCH_IMAGES = 1024  # default of SERVING_MAX_BATCH_IMAGES, also stated in the OpenAPI document
-TRUE = ("1", "true", "yes")
-FALSE = ("0", "false", "no")
+MAX_IMAGE_PIXELS = 40_000_000  # default of SERVING_MAX_IMAGE_PIXELS, also the benchmarks' peer's limit
+ENV_PREFIX = "SERVING_"
+PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class SettingsError(ValueError):
     """An environment variable the service cannot use; the message names it and what it takes."""
 
 
-@dataclass(frozen=True)
-class ServingSettings:
-    model_tag: str  # BENTO_MODEL_TAG: the BentoML model served (default: the tag in export/export.json)
-    device: str  # SERVING_DEVICE: auto, cpu or cuda
-    precision: str  # SERVING_PRECISION: auto (int8 on the CPU, fp32 on CUDA), fp32 or int8
-    workers: int  # SERVING_WORKERS: service processes
-    threads: int  # SERVING_THREADS: onnxruntime intra-op threads per worker (default: the CPUs shared out)
-    bulk_threads: int  # SERVING_BULK_THREADS: threads for a request of more images than an adaptive batch holds
-    max_batch_size: int  # SERVING_MAX_BATCH_SIZE: images per adaptive batch
-    max_batch_images: int  # SERVING_MAX_BATCH_IMAGES: images in one /predict_batch request
-    max_body_bytes: int  # SERVING_MAX_BODY_BYTES
-    max_image_pixels: int  # SERVING_MAX_IMAGE_PIXELS: a larger upload is refused before decoding
-    timeout_s: int  # SERVING_TIMEOUT_S: how long a request may queue
-    top_k: int  # SERVING_TOP_K: classes in each prediction's top_k
-    trace_requests: bool  # SERVING_TRACE_REQUESTS: OpenTelemetry spans for the prediction routes
-    access_log: bool  # SERVING_ACCESS_LOG: BentoML's access log line for every request
+def cpu_count() -> int:
+    """one per CPU"""
+    return os.cpu_count() or 1
+
+
+def threads_per_worker(data: dict[str, Any]) -> int:
+    """the CPUs shared out among the workers"""
+    return max(1, cpu_count() // data["workers"])
+
+
+def export_record_tag() -> str:
+    """the tag in export/export.json"""
+    return default_model_tag()
+
+
+class ServingSettings(BaseSettings):
+    """Read from `SERVING_<NAME>` environment variables (and `BENTO_MODEL_TAG`) when the service starts."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="ignore", protected_namespaces=()
+    )
+
+    model_tag: str = Field(
+        default_factory=export_record_tag,
+        validation_alias="BENTO_MODEL_TAG",
+        description="the BentoML model served: exactly the one the workspace's last export stage saved",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="`auto`: the CUDA execution provider where a GPU really works, else the CPU, saying why in one "
+        "warning and in `GET /model`'s `provider_fallback`; `cpu`; `cuda`: the CUDA provider or no service at all",
+    )
+    precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="`auto`: int8 on the CPU, fp32 on CUDA (whose provider does not run QDQ int8 graphs); "
+        "`fp32`; `int8`",
+    )
+    workers: PositiveInt = Field(default_factory=cpu_count, description="service processes")
+    threads: PositiveInt = Field(
+        default_factory=threads_per_worker,
+        description="onnxruntime intra-op threads per worker: more than CPUs in all made the p99 (`make bench-sweep`)",
+    )
+    bulk_threads: PositiveInt = Field(
+        default_factory=cpu_count,
+        description="threads of the second onnxruntime session that runs a request of more images than an "
+        "adaptive batch holds",
+    )
+    max_batch_size: PositiveInt = Field(64, description="images per adaptive batch (one onnxruntime call)")
+    max_batch_images: PositiveInt = Field(MAX_BATCH_IMAGES, description="images in one `/predict_batch` request")
+    max_body_bytes: PositiveInt = Field(
+        16 * 1024 * 1024, description="request body size; a larger one gets 413 before it is read"
+    )
+    max_header_bytes: PositiveInt = Field(
+        16 * 1024,
+        description="request line and headers, in all; more gets 431 before the body is read, on every route",
+    )
+    max_image_pixels: PositiveInt = Field(
+        MAX_IMAGE_PIXELS, description="width x height of an upload; a larger one is refused before it is decoded"
+    )
+    timeout_s: PositiveInt = Field(60, description="seconds a request may queue before it is refused")
+    top_k: PositiveInt = Field(3, description="classes in each prediction's `top_k`")
+    trace_requests: bool = Field(
+        False,
+        description="OpenTelemetry spans for the prediction routes: a third of the throughput, and they go "
+        "nowhere until BentoML's tracing exporter is configured",
+    )
+    access_log: bool = Field(
+        False,
+        description="BentoML's access log line for every request, a tenth of the event loop's time under load; "
+        "refused requests are logged either way, with the reason",
+    )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
-        cpus = os.cpu_count() or 1
+    def from_env(cls) -> ServingSettings:
+        """The settings, or a SettingsError naming the first variable the service cannot use."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise SettingsError(f"{env_name(str(first['loc'][0]))}={first['input']!r}: {first['msg']}") from None
 
-        def integer(name: str, default: int) -> int:
-            value = env.get(name, "").strip()
-            if not value:
-                return default
-            if not value.isdigit() or int(value) < 1:
-                raise SettingsError(f"{name}={value!r}: expected a whole number of at least 1")
-            return int(value)
 
-        def boolean(name: str, default: bool) -> bool:
-            value = env.get(name, "").strip().lower()
-            if not value:
-                return default
-            if value not in TRUE + FALSE:
-                raise SettingsError(f"{name}={value!r}: expected one of {TRUE + FALSE}")
-            return value in TRUE
-
-        device = env.get("SERVING_DEVICE", "auto")
-        if device not in ("auto", "cpu", "cuda"):
-            raise SettingsError(f"SERVING_DEVICE={device!r}: expected auto, cpu or cuda")
-        precision = env.get("SERVING_PRECISION", "auto")
-        if precision not in ("auto", "fp32", "int8"):
-            raise SettingsError(f"SERVING_PRECISION={precision!r}: expected auto, fp32 or int8")
-        workers = integer("SERVING_WORKERS", cpus)
-        return cls(
-            model_tag=env.get("BENTO_MODEL_TAG") or default_model_tag(),
-            device=device,
-            precision=precision,
-            workers=workers,
-            # more threads than CPUs in all made the p99 (benchmarks/serving_sweep.py)
-            threads=integer("SERVING_THREADS", max(1, cpus // workers)),
-            bulk_threads=integer("SERVING_BULK_THREADS", cpus),
-            max_batch_size=integer("SERVING_MAX_BATCH_SIZE", 64),
-            max_batch_images=integer("SERVING_MAX_BATCH_IMAGES", MAX_BATCH_IMAGES),
-            max_body_bytes=integer("SERVING_MAX_BODY_BYTES", 16 * 1024 * 1024),
-            max_image_pixels=integer("SERVING_MAX_IMAGE_PIXELS", 40_000_000),
-            timeout_s=integer("SERVING_TIMEOUT_S", 60),
-            top_k=integer("SERVING_TOP_K", 3),
-            # spans cost a third of the throughput and go nowhere until an exporter is configured
-            trace_requests=boolean("SERVING_TRACE_REQUESTS", False),
-            # a log line per request costs a tenth of the event loop; refused requests are logged either way
-            access_log=boolean("SERVING_ACCESS_LOG", False),
-        )
+def env_name(field: str) -> str:
+    """The environment variable that sets settings field `field`."""
+    alias = ServingSettings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else ENV_PREFIX + field.upper()

@@ -1,34 +1,52 @@
 """The service's settings: defaults in one place, and a value it cannot use named at start."""
 
+import os
+
 import pytest
 
 from serving.runtime import ModelFileError, ProviderError, choose_precision
 from serving.settings import MAX_BATCH_IMAGES, ServingSettings, SettingsError
 
 
-def test_defaults_and_overrides():
-    defaults = ServingSettings.from_env({"BENTO_MODEL_TAG": "m:1"})
+@pytest.fixture
+def environment(monkeypatch):
+    """The settings read from exactly the variables given, whatever the test runner's environment holds."""
+
+    def settings(**env: str) -> ServingSettings:
+        for name in os.environ:
+            if name.startswith("SERVING_") or name == "BENTO_MODEL_TAG":
+                monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return ServingSettings.from_env()
+
+    return settings
+
+
+def test_defaults_and_overrides(environment):
+    defaults = environment(BENTO_MODEL_TAG="m:1")
     assert (defaults.model_tag, defaults.device, defaults.max_batch_images) == ("m:1", "auto", MAX_BATCH_IMAGES)
     assert not defaults.trace_requests and defaults.precision == "auto"
-    tuned = ServingSettings.from_env(
-        {"BENTO_MODEL_TAG": "m:1", "SERVING_WORKERS": "3", "SERVING_DEVICE": "cpu", "SERVING_TRACE_REQUESTS": "yes"}
-    )
+    assert defaults.workers == os.cpu_count() and defaults.threads == max(1, os.cpu_count() // defaults.workers)
+    tuned = environment(BENTO_MODEL_TAG="m:1", SERVING_WORKERS="3", SERVING_DEVICE="cpu", SERVING_TRACE_REQUESTS="yes")
     assert (tuned.workers, tuned.device, tuned.trace_requests) == (3, "cpu", True)
+    assert environment(SERVING_WORKERS="", SERVING_TOP_K="5").top_k == 5  # an empty variable keeps the default
 
 
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("SERVING_WORKERS", "two", "SERVING_WORKERS='two': expected a whole number of at least 1"),
-        ("SERVING_MAX_BATCH_SIZE", "0", "SERVING_MAX_BATCH_SIZE='0': expected a whole number of at least 1"),
-        ("SERVING_DEVICE", "gpu", "SERVING_DEVICE='gpu': expected auto, cpu or cuda"),
-        ("SERVING_PRECISION", "fp16", "SERVING_PRECISION='fp16': expected auto, fp32 or int8"),
-        ("SERVING_TRACE_REQUESTS", "maybe", "SERVING_TRACE_REQUESTS='maybe': expected one of"),
+        ("SERVING_WORKERS", "two", "SERVING_WORKERS='two': Input should be a valid integer"),
+        ("SERVING_MAX_BATCH_SIZE", "0", "SERVING_MAX_BATCH_SIZE='0': Input should be greater than or equal to 1"),
+        ("SERVING_DEVICE", "gpu", "SERVING_DEVICE='gpu': Input should be 'auto', 'cpu' or 'cuda'"),
+        ("SERVING_PRECISION", "fp16", "SERVING_PRECISION='fp16': Input should be 'auto', 'fp32' or 'int8'"),
+        ("SERVING_TRACE_REQUESTS", "maybe", "SERVING_TRACE_REQUESTS='maybe': Input should be a valid boolean"),
+        ("SERVING_MAX_HEADER_BYTES", "-1", "SERVING_MAX_HEADER_BYTES='-1': Input should be greater than or equal"),
     ],
 )
-def test_a_value_the_service_cannot_use_is_named(name, value, message):
+def test_a_value_the_service_cannot_use_is_named(environment, name, value, message):
     with pytest.raises(SettingsError) as error:
-        ServingSettings.from_env({"BENTO_MODEL_TAG": "m:1", name: value})
+        environment(BENTO_MODEL_TAG="m:1", **{name: value})
     assert str(error.value).startswith(message)
 
 
