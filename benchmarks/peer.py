@@ -23,6 +23,7 @@ from benchmarks.local_server import REPO
 from serving.files import read_json
 from serving.model_store import read_metadata
 from serving.preprocess import image_to_input
+from serving.settings import MAX_IMAGE_PIXELS
 
 ONNX_PATH = Path(os.environ.get("PEER_MODEL", REPO / "export" / "model.onnx"))
 BACKEND = os.environ.get("PEER_BACKEND", "onnx")
@@ -74,7 +75,7 @@ def prediction(probabilities: np.ndarray) -> dict:
 
 @app.post("/predict")
 async def predict(image: UploadFile = File(...)):
-    pixels = image_to_input(await image.read(), 28, METADATA["upload_fit"])
+    pixels = image_to_input(await image.read(), 28, METADATA["upload_fit"], MAX_IMAGE_PIXELS)
     return prediction(model(pixels[None])[0])
 
 

@@ -28,14 +28,15 @@ async def read_upload(request: Request, field: str) -> bytes:
         )
     try:
         async with request.form(max_files=2, max_fields=10) as form:
-            names = list(form.keys())
+            names = [name for name, _ in form.multi_items()]
             if field not in names:
                 raise ClientError(
                     f"missing multipart field `{field}` (got {names or 'no fields'}): send the image file as `{field}`"
                 )
-            extra = [name for name in names if name != field]
+            extra = sorted({name for name in names if name != field})
             if extra:
                 raise ClientError(f"unexpected multipart fields {extra}: send only the image file, as `{field}`")
+            check_one_value_per_field(names)
             upload = form[field]
             if not isinstance(upload, UploadFile):
                 raise ClientError(f"multipart field `{field}` must be a file upload, not a text value")
@@ -44,6 +45,16 @@ async def read_upload(request: Request, field: str) -> bytes:
         raise
     except Exception as exc:  # the multipart parser's errors are the client's malformed body
         raise ClientError(f"malformed multipart body: {exc}") from None
+
+
+def check_one_value_per_field(names: list[str]) -> None:
+    """Each multipart field given once: of two files under one name, one would go unread."""
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        raise ClientError(
+            f"{names.count(repeated)} files in multipart field `{repeated}`: send one image per request "
+            "(POST /predict_batch classifies many)"
+        )
 
 
 def parse_batch(body: bytes, limit: int, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,11 +1,32 @@
-"""Requests refused before they are read: bodies over the size limit, and bodies BentoML cannot parse."""
+"""Requests refused before they are read: headers or bodies over the size limits, and bodies BentoML cannot parse."""
 
 from __future__ import annotations
 
 import orjson
 from starlette.requests import Request
 
-from serving.inputs import ClientError
+from serving.inputs import ClientError, check_one_value_per_field
+
+HEADER_OVERHEAD = 4  # ": " and CRLF around each header as it came over the wire
+
+
+class HeaderLimit:
+    """ASGI middleware for every route: a request whose request line and headers together pass `max_bytes` gets
+    a 431 naming the limit, and its body is never read. The HTTP parser under `bentoml serve` has held the
+    headers by then: a proxy in front limits them as they arrive (docs/serving.md, "Size limits")."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            size += sum(len(name) + len(value) + HEADER_OVERHEAD for name, value in scope.get("headers") or [])
+            if size > self.max_bytes:
+                message = f"request headers too large: {size:,} bytes; the limit is {self.max_bytes:,} bytes"
+                return await reject(send, ClientError(message, status=431))
+        return await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -89,8 +110,10 @@ class ApiRequestGuard:
                 break
         data = bytes(body)
         try:
-            async with Request(scope, replaying(data, receive)).form():
-                pass
+            async with Request(scope, replaying(data, receive)).form() as form:
+                check_one_value_per_field([name for name, _ in form.multi_items()])
+        except ClientError as exc:
+            return await reject(send, exc)
         except Exception as exc:  # the multipart parser's errors are the client's malformed body
             return await reject(send, ClientError(f"malformed multipart body: {exc}"))
         return await self.app(scope, replaying(data, receive), send)

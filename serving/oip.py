@@ -97,10 +97,11 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     service = _model(name, version)
     with service.batcher.tracked():
         body = await request.body()
-        header, binary = _split(body, request.headers.get(HEADER_LENGTH))
-        images = _images(header, binary, service)
+        header, binary = split_request(body, request.headers.get(HEADER_LENGTH))
+        limit = service.settings.max_batch_images
+        images = input_images(header, binary, service.model.input_name, tuple(service.image_shape), limit)
         scores = await service.batcher(images)
-        outputs = [_requested(o) for o in header.get("outputs") or [{"name": o} for o in OUTPUT_NAMES]]
+        outputs = [requested_output(o) for o in header.get("outputs") or [{"name": o} for o in OUTPUT_NAMES]]
         all_binary = bool((header.get("parameters") or {}).get("binary_data_output"))
         response: dict[str, Any] = {"model_name": name, "model_version": service.bento_model.tag.version}
         if "id" in header:
@@ -126,7 +127,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     )
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+def split_request(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """The JSON header and the binary tensor data after it."""
     if header_length is None:
         length = len(body)
@@ -143,11 +144,9 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     return header, body[length:]
 
 
-def _images(header: dict, binary: bytes, service: Any) -> np.ndarray:
-    """The request's one input tensor as uint8 model inputs [N,1,28,28]."""
+def input_images(header: dict, binary: bytes, expected: str, shape: tuple[int, ...], limit: int) -> np.ndarray:
+    """The request's one input tensor, named `expected`, as uint8 model inputs [N, *shape] (N up to `limit`)."""
     inputs = header.get("inputs")
-    expected = service.model.input_name
-    shape = tuple(service.image_shape)
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ClientError(f"`inputs` must hold exactly one tensor, `{expected}`")
     tensor = inputs[0]
@@ -157,7 +156,6 @@ def _images(header: dict, binary: bytes, service: Any) -> np.ndarray:
     if datatype not in DATATYPES:
         raise ClientError(f"input datatype {datatype!r} is not accepted: send UINT8 (or FP32) pixels 0-255")
     dims = tensor.get("shape")
-    limit = service.settings.max_batch_images
     if (
         not isinstance(dims, list)
         or len(dims) != 1 + len(shape)
@@ -199,7 +197,7 @@ def _json_data(data: Any, size: int, dims: list[int]) -> np.ndarray:
     return values
 
 
-def _requested(output: Any) -> tuple[str, bool]:
+def requested_output(output: Any) -> tuple[str, bool]:
     """(name, as binary tensor data) of a requested output."""
     if not isinstance(output, dict) or output.get("name") not in OUTPUT_NAMES:
         name = output.get("name") if isinstance(output, dict) else output

@@ -15,8 +15,6 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_PIXELS = 40_000_000  # decompression-bomb guard: width x height of a decoded image
-
 
 class ImageError(ValueError):
     """The upload is not an image this service can use; the message says why."""
@@ -39,8 +37,9 @@ def _as_image_errors():
         raise ImageError(f"the image file is truncated or corrupt: {exc}") from None
 
 
-def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Reads only the header (format and size), so the pixel limit holds before anything is decoded."""
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Reads only the header (format and size), so the pixel limit (a decompression-bomb guard) holds before
+    anything is decoded."""
     if not data:
         raise ImageError("the image file is empty (0 bytes)")
     with _as_image_errors():
@@ -82,18 +81,17 @@ def fit_and_centre(pixels: np.ndarray, size: int, fit: int) -> np.ndarray:
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def to_model_input(image: Image.Image, size: int = 28, fit: int = 28) -> np.ndarray:
-    """An opened upload, decoded, to the uint8 array [1, size, size] the model takes."""
+def to_model_input(image: Image.Image, size: int, fit: int) -> np.ndarray:
+    """An opened upload, decoded, to the uint8 array [1, size, size] the model takes. First of all it is turned
+    the way its EXIF orientation says: a phone stores a portrait photo's pixels sideways and sets that tag."""
     with _as_image_errors():
-        image.load()
-        if image.mode != "P":
-            image = ImageOps.exif_transpose(image)
+        image = ImageOps.exif_transpose(image)
         pixels = dark_background(to_grey(image))
     if pixels.shape != (size, size):
         pixels = fit_and_centre(pixels, size, fit)
     return pixels[None]
 
 
-def image_to_input(data: bytes, size: int = 28, fit: int = 28, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def image_to_input(data: bytes, size: int, fit: int, max_pixels: int) -> np.ndarray:
     """An uploaded file to the uint8 array [1, size, size] the model takes."""
     return to_model_input(open_image(data, max_pixels), size, fit)

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from serving.batcher import MicroBatcher
 from serving.inputs import ClientError, images_to_array
-from serving.limits import ApiRequestGuard
+from serving.limits import ApiRequestGuard, HeaderLimit
 from serving.model_source import ModelMissingError, ensure_model
 from serving.model_store import MODEL_FILES
 from serving.preprocess import ImageError, open_image, to_model_input
@@ -163,7 +163,9 @@ class Classifier:
             return self.predictions(await self.probabilities(batch))
 
 
-# bentoml.service returns a Service, which its type hints present as the class
+# bentoml.service returns a Service, which its type hints present as the class; the first middleware added is
+# the outer one, around every route BentoML serves
+Classifier.add_asgi_middleware(HeaderLimit, max_bytes=SETTINGS.max_header_bytes)  # type: ignore[attr-defined]
 Classifier.add_asgi_middleware(  # type: ignore[attr-defined]
     ApiRequestGuard,
     routes={"/api/predict": "multipart/form-data", "/api/predict_batch": "application/json"},

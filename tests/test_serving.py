@@ -16,7 +16,9 @@ import requests
 from PIL import Image
 
 from benchmarks.local_server import LocalServer
+from benchmarks.phone_photos import phone_photo
 from tests.serving_fixtures import MODEL_NAME, metric_samples, png, serving
+from tests.test_setup import REQUIREMENTS, pinned, unlocked_or_missing
 
 pytestmark = pytest.mark.slow
 MAX_BODY = 4 * 1024 * 1024
@@ -295,6 +297,60 @@ def test_wrong_content_type_is_415_and_missing_field_400(server, model):
     assert broken.status_code == 400, broken.text
 
 
+@pytest.mark.parametrize("route", ["/predict", "/api/predict"])
+def test_two_files_in_the_image_field_are_400_naming_it(server, model, route):
+    image = png(model["x"][0, 0])
+    response = requests.post(f"{server.url}{route}", files=[("image", ("a.png", image)), ("image", ("b.png", image))])
+    assert response.status_code == 400 and "2 files in multipart field `image`" in response.text, response.text
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_phone_photos_stored_sideways_classify_like_their_upright_twins(server, model, orientation):
+    """JPEGs whose pixels a phone stored sideways, with the EXIF orientation that turns them upright."""
+
+    def label(i: int, stored: int) -> int:
+        photo = phone_photo(model["x"][i, 0], stored, seed=i)
+        response = requests.post(f"{server.url}/predict", files={"image": ("photo.jpg", photo, "image/jpeg")})
+        assert response.status_code == 200, response.text
+        return response.json()["label"]
+
+    with ThreadPoolExecutor(8) as pool:
+        upright = np.array(list(pool.map(lambda i: label(i, 1), range(200))))
+        sideways = np.array(list(pool.map(lambda i: label(i, orientation), range(200))))
+    assert (upright == sideways).mean() >= 0.97
+    truth = model["y"][:200]
+    assert abs(int((upright == truth).sum()) - int((sideways == truth).sum())) <= 2  # within 1 point
+
+
+ROUTES = [
+    ("GET", "/livez"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/docs.json"),
+    ("GET", "/model"),
+    ("GET", "/ui/"),
+    ("GET", "/v2/health/live"),
+    ("POST", "/predict"),
+    ("POST", "/predict_batch"),
+    ("POST", "/api/predict"),
+    ("POST", "/api/predict_batch"),
+]
+
+
+@pytest.mark.parametrize(("method", "route"), ROUTES)
+def test_headers_over_the_limit_are_431_on_every_route(server, method, route):
+    padding = {"x-padding": "a" * 20_000}  # over the 16 KiB default, not near uvicorn's own limits
+    response = requests.request(method, f"{server.url}{route}", headers=padding, data=b"x" * 10, timeout=30)
+    assert response.status_code == 431, response.text
+    assert "request headers too large" in response.json()["error"] and "16,384 bytes" in response.text
+    assert requests.request("GET", f"{server.url}/livez", timeout=10).status_code == 200
+
+
+def test_an_8_mb_header_is_431_too(server):
+    response = requests.get(f"{server.url}/model", headers={"x-padding": "a" * 8_000_000}, timeout=60)
+    assert response.status_code == 431
+
+
 def test_one_bad_request_never_fails_the_others_batched_with_it(server, model, offline):
     """Bad uploads are refused before batching, so the good requests sent with them all succeed."""
 
@@ -335,7 +391,12 @@ def test_bentoml_build_packages_the_model_and_the_bento_serves(model, tmp_path):
     assert model["tag"] in info.stdout
     # the container image BentoML generates for the bento switches to an unprivileged user
     name, version = tag.split(":")
-    dockerfile = (model["home"] / "bentos" / name / version / "env" / "docker" / "Dockerfile").read_text()
+    bento = model["home"] / "bentos" / name / version
+    # it installs exactly the versions of uv.lock: every package pinned, none it pulls in left out
+    pins = pinned((bento / "env" / "python" / "requirements.txt").read_text())
+    assert pins == pinned(REQUIREMENTS.read_text()) and unlocked_or_missing(pins) == []
+    assert not (bento / "env" / "python" / "requirements.lock.txt").exists()  # nothing re-resolved at build
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     users = re.findall(r"^USER\s+(\S+)", dockerfile, flags=re.MULTILINE)
     assert users and users[-1] not in ("root", "0"), dockerfile
     assert re.search(r"^FROM nvidia/cuda:12\.\S+-cudnn-runtime", dockerfile, flags=re.MULTILINE), (

@@ -105,7 +105,8 @@ def test_sigterm_drains_requests_in_flight_before_exit(served_model, tmp_path):
             server.process.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * requests_in_flight, [r.text for r in responses]
-        assert server.process.wait(timeout=60) is not None
+        code = server.process.wait(timeout=60)  # raises if it has not exited by then
+        assert code == 0, f"bentoml serve exited with {code} after SIGTERM:\n{server.log_path.read_text()[-3000:]}"
     finally:
         server.close()
 
