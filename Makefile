@@ -7,8 +7,24 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 BIN := $(VENV)/bin
-# CUDA torch where a GPU is present, the CPU build otherwise.
-TORCH_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+# torch (pyproject.toml's extras): PyPI's build where a GPU is present; the CPU build where the local wheel folder of
+# pyproject.toml's `torch-cpu-wheels` index holds it; PyPI's build anywhere else (CUDA-enabled: it runs on a CPU too).
+# `make -n -B setup TORCH_WHEELS=/nowhere` shows the choice a machine without that folder makes.
+TORCH_VERSION := $(shell sed -n 's/^cpu = \["torch==\([^"]*\)"\]/\1/p' pyproject.toml)
+TORCH_WHEELS ?= $(shell sed -n '/name = "torch-cpu-wheels"/,/^url/s/^url = "\(.*\)"/\1/p' pyproject.toml)
+CPU_WHEEL := $(firstword $(wildcard $(TORCH_WHEELS)/torch-$(TORCH_VERSION)+cpu-*.whl))
+ifneq ($(TORCH_EXTRA),)
+TORCH_CHOICE := torch $(TORCH_VERSION): TORCH_EXTRA=$(TORCH_EXTRA), as given
+else ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),gpu)
+TORCH_EXTRA := pypi
+TORCH_CHOICE := torch $(TORCH_VERSION): PyPI's CUDA build (TORCH_EXTRA=pypi), for the GPU that nvidia-smi lists
+else ifneq ($(CPU_WHEEL),)
+TORCH_EXTRA := cpu
+TORCH_CHOICE := torch $(TORCH_VERSION): the CPU build $(CPU_WHEEL) (TORCH_EXTRA=cpu)
+else
+TORCH_EXTRA := pypi
+TORCH_CHOICE := torch $(TORCH_VERSION): PyPI's build (TORCH_EXTRA=pypi; CUDA-enabled, it runs on a CPU too), as no GPU is present and $(or $(TORCH_WHEELS),the local wheel folder) holds no torch-$(TORCH_VERSION)+cpu wheel
+endif
 # The offline copies of the official files, tried first by the fetch stage when that folder exists.
 SHARED_DATASETS := $(abspath ../shared/datasets)
 export DATASET_MIRROR ?= $(if $(wildcard $(SHARED_DATASETS)),$(SHARED_DATASETS)/{dataset})
@@ -18,7 +34,8 @@ MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: setup browser run run-full push pull lint test ui mlflow-server serve doctor bench bench-sweep bench-train docs clean
+.PHONY: setup requirements browser run run-full push pull lint test test-fast ui mlflow-server serve doctor bench \
+	bench-sweep bench-train bench-photos bench-headers docs clean
 
 setup: $(VENV)/.installed
 
@@ -27,8 +44,14 @@ $(UV):
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 $(VENV)/.installed: $(UV) uv.lock pyproject.toml
-	$(UV) sync --frozen --extra $(TORCH_EXTRA) --python $(PYTHON)
+	@echo "$(TORCH_CHOICE)"
+	$(UV) sync --frozen --extra pipeline --extra $(TORCH_EXTRA) --python $(PYTHON)
 	touch $@
+
+# The bento's Python requirements (bentofile.yaml): the service's dependencies, pyproject.toml's `dependencies`,
+# with every package they pull in pinned to the version in uv.lock. Run after `uv lock`; a test checks it.
+requirements: $(UV)
+	$(UV) export --quiet --frozen --no-dev --no-hashes --no-header --no-emit-project --output-file serving/requirements.txt
 
 run: setup
 	$(BIN)/dvc repro
@@ -49,16 +72,22 @@ pull: setup
 browser:
 	tests/install_browser.sh
 
-# Lint and format (ruff), types (mypy), and every imported package declared (deptry): all in pyproject.toml.
+# Lint and format (ruff), types (mypy), every imported package declared (deptry), and Markdown that renders
+# (rumdl: README.md and docs/, fences closed, links and #anchors resolving): all configured in pyproject.toml.
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/deptry .
+	$(BIN)/rumdl check
 
 # Screenshots of the browser tests land in test-artifacts/screenshots.
 test: lint browser
 	$(BIN)/pytest
+
+# The unit tests, in-process: no `bentoml serve`, browser, database, MLflow server or `dvc repro`.
+test-fast: setup
+	$(BIN)/pytest -m "not slow"
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --host $(HOST) --port 5000
@@ -82,6 +111,14 @@ bench: setup
 # Our service under other splits of the CPUs into workers and threads, and other batch caps.
 bench-sweep: setup
 	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.serving_sweep
+
+# The served champion on phone photos stored upright and sideways (EXIF orientation).
+bench-photos: setup
+	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.phone_photos
+
+# What 64 connections with 8 MB header lines do to the workers' memory.
+bench-headers: setup
+	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.header_flood
 
 # Our trainer against a tutorial-style DataLoader loop; needs the prepared data (`make run`).
 bench-train: setup
