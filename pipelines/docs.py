@@ -9,12 +9,15 @@ runs it). Not a pipeline stage: run it (`make docs`) after `make run` or a `make
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 from serving.files import read_json
 from training.config import CHAMPION_FILE, EXPORT_DIR, METRICS_DIR
@@ -63,6 +66,63 @@ def model_comparison(root: Path) -> str:
     return comparison_table(rows, champion)
 
 
+def stage_table(root: Path) -> str:
+    """Every stage of dvc.yaml: what its script's docstring says it does, the params and outputs DVC tracks."""
+    rows = ["| stage | what it does | params (`params.yaml`) | writes |", "|---|---|---|---|"]
+    for name, stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
+        script = root / (re.findall(r"-m (pipelines\.\w+)", stage["cmd"])[0].replace(".", "/") + ".py")
+        summary = re.sub(r"^\w+ stage( \([^)]*\))?: ", "", _summary(ast.get_docstring(ast.parse(script.read_text()))))
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
+        label = f"{name}@<model>" if "matrix" in stage else name
+        cells = [f"`{label}`", summary, _code_list(stage.get("params", [])), _code_list(outs)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _summary(docstring: str | None) -> str:
+    """A docstring's first paragraph on one line."""
+    return " ".join((docstring or "").split("\n\n")[0].split())
+
+
+def _code_list(items: list) -> str:
+    return ", ".join(f"`{str(item).replace('${item.model}', '<model>')}`" for item in items)
+
+
+def model_zoo(root: Path) -> str:
+    """Every model params.yaml defines: its architecture (the builder's docstring), options and own training."""
+    from training.models import BUILDERS  # torch: only for this block
+
+    rows = ["| model | architecture | options | own `train` settings |", "|---|---|---|---|"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for name, entry in params["models"].items():
+        options = {k: v for k, v in entry.items() if k not in ("architecture", "train")}
+        builder = _summary(BUILDERS[entry["architecture"]].__doc__).split(". ")[0].rstrip(".")
+        cells = [
+            f"`{name}`",
+            f"`{entry['architecture']}`: {builder}",
+            _settings(options),
+            _settings(entry.get("train", {})),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _settings(values: dict) -> str:
+    return ", ".join(f"`{key}: {json.dumps(value)}`" for key, value in values.items()) or "-"
+
+
+def serving_settings(root: Path) -> str:
+    """The service's environment variables, their defaults and descriptions, from serving/settings.py."""
+    from serving.settings import ServingSettings, env_name
+
+    rows = ["| variable | default | what it sets |", "|---|---|---|"]
+    for field, info in ServingSettings.model_fields.items():
+        factory = info.default_factory
+        default = (factory.__doc__ or "").strip() if factory else f"`{str(info.default).lower()}`"
+        rows.append(f"| `{env_name(field)}` | {default} | {info.description} |")
+    return "\n".join(rows) + "\n"
+
+
 def benchmark(file: str, command: str, module: str) -> Callable[[Path], str]:
     """A block from a benchmark's results file, printed by that benchmark's own `table` function."""
 
@@ -76,11 +136,16 @@ def benchmark(file: str, command: str, module: str) -> Callable[[Path], str]:
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "stages": stage_table,
+    "model-zoo": model_zoo,
+    "serving-settings": serving_settings,
     "champion-summary": champion_summary,
     "model-comparison": model_comparison,
     "training-benchmark": benchmark("training.json", "make bench-train", "benchmarks.training"),
     "serving-benchmark": benchmark("serving.json", "make bench", "benchmarks.serving"),
     "serving-sweep": benchmark("serving_sweep.json", "make bench-sweep", "benchmarks.serving_sweep"),
+    "phone-photos": benchmark("phone_photos.json", "make bench-photos", "benchmarks.phone_photos"),
+    "header-flood": benchmark("header_flood.json", "make bench-headers", "benchmarks.header_flood"),
 }
 
 

@@ -1,4 +1,6 @@
-"""evaluate stage (one per zoo model): validation and test metrics, confusion matrix, report, mistakes."""
+"""evaluate stage (one per zoo model): validation and test loss and accuracy, averaged over the test-time
+augmentation views the model learned from (mirrors, 1-pixel shifts) and on single views; confusion matrix,
+classification report, gallery of misclassified test images; all logged to the model's MLflow run."""
 
 import csv
 import logging

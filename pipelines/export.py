@@ -1,5 +1,8 @@
-"""export stage: the champion as self-contained ONNX files, fp32 parity-checked against PyTorch and int8
-gated against fp32, in MLflow and BentoML."""
+"""export stage: the champion in two self-contained ONNX files, test-time augmentation, normalisation and
+metadata inside (uint8 pixels `[N,1,28,28]` in, logits and probabilities out): `model.onnx` (fp32,
+parity-checked against PyTorch on every test image) and `model.int8.onnx` (static QDQ quantization calibrated
+on training images, kept only if it passes the accuracy gate against fp32); both logged to the champion's
+MLflow run and saved in the BentoML model store."""
 
 import logging
 

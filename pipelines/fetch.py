@@ -1,4 +1,6 @@
-"""fetch stage: the four official files of `data.dataset` into data/raw, verified."""
+"""fetch stage: the four official `.gz` files of `data.dataset` into data/raw: the mirror first
+(`DATASET_MIRROR` or `data.mirror`), then the official URLs; each checked against its sha256 in
+`training/datasets.py`, written atomically, with retries; a file already verified is not fetched again."""
 
 import os
 import sys

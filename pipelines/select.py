@@ -1,4 +1,5 @@
-"""select stage: the champion by validation accuracy, the MLflow registry alias, the pipeline report."""
+"""select stage: the champion by **validation** accuracy (ties: fewer parameters), never test accuracy;
+registered in the MLflow Model Registry with alias `champion`; the pipeline report, logged to its run."""
 
 import logging
 

@@ -1,4 +1,6 @@
-"""train stage (one per zoo model): train, save the best weights, curves and summary; MLflow has the rest."""
+"""train stage (one per zoo model): trains on the CPU or CUDA (or data-parallel under `torchrun`), early
+stopping restoring the best weights; one MLflow run per model (params, per-epoch curves, dataset inputs,
+system metrics, the model); the best weights, the curves and a summary on disk."""
 
 import csv
 import logging

@@ -15,11 +15,11 @@ def test_every_generated_figure_matches_its_source():
 
 
 def test_an_altered_figure_is_caught(tmp_path: Path):
-    for rel in (*DOCUMENTS, "champion.json", "export/export.json"):
+    for rel in (*DOCUMENTS, "champion.json", "export/export.json", "dvc.yaml", "params.yaml"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, tmp_path / rel)
-    shutil.copytree(REPO / "metrics", tmp_path / "metrics")
-    shutil.copytree(REPO / "benchmarks" / "results", tmp_path / "benchmarks" / "results")
+    for folder in ("metrics", "benchmarks/results", "pipelines"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
     assert stale_documents(tmp_path) == []
     champion = json.loads((tmp_path / "champion.json").read_text())
     champion["test_accuracy"] += 0.001  # a tenth of a point: a different figure in the README
@@ -30,6 +30,9 @@ def test_an_altered_figure_is_caught(tmp_path: Path):
     record["int8_gate"]["int8_test_accuracy"] -= 0.001  # the served int8 file's figure
     (tmp_path / "export/export.json").write_text(json.dumps(record))
     assert "README.md" in stale_documents(tmp_path)
+    params = (tmp_path / "params.yaml").read_text().replace("dense_dropout: 0.3", "dense_dropout: 0.4")
+    (tmp_path / "params.yaml").write_text(params)  # a model's option: the zoo table
+    assert "docs/pipeline.md" in stale_documents(tmp_path)
 
 
 def test_an_unknown_block_is_an_error():
