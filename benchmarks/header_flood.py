@@ -10,7 +10,6 @@ and after the headers end and each gets its 431. Prints a table and writes bench
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.local_server import REPO, ChildServer, LocalServer
+from benchmarks.publish import publish
 from benchmarks.serving import payload_images
 
 CHUNK = 64 * 1024
@@ -80,10 +80,7 @@ def main() -> None:
         "statuses": sorted(set(statuses)),
         "rss_mb": {"before": round(before), "holding_headers": round(holding), "after_431": round(after)},
     }
-    print(table(results))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    publish(results, table(results), args.output)
 
 
 def table(results: dict) -> str:

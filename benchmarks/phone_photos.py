@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ import requests
 from PIL import ExifTags, Image
 
 from benchmarks.local_server import REPO, LocalServer
+from benchmarks.publish import publish
 from benchmarks.serving import DATASET, payload_images
 
 # How a phone stores a photo whose EXIF orientation is 6 (turn 90 degrees clockwise to show it) or 8 (counter-
@@ -82,10 +82,7 @@ def main() -> None:
             for o in ORIENTATIONS
         ],
     }
-    print(table(results))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    publish(results, table(results), args.output)
 
 
 def table(results: dict) -> str:

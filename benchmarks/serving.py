@@ -33,6 +33,7 @@ import requests
 
 from benchmarks.loadgen import png_file
 from benchmarks.local_server import REPO, ChildServer, LocalServer
+from benchmarks.publish import publish
 from serving.files import read_json
 from serving.inputs import parse_batch
 from serving.model_store import EXPORT_RECORD, read_metadata
@@ -325,12 +326,8 @@ def main() -> None:
             for peer in ONNX_PEERS
             if peer in results["servers"]
         }
-    text = table(results)
     print(f"serving benchmark: {os.cpu_count()} CPUs, {WORKERS} workers per server, medians of {args.repeats} runs")
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    publish(results, table(results), args.output)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ serving/settings.py are the best row of this table on the machine it ran on.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -20,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.local_server import REPO, LocalServer
+from benchmarks.publish import publish
 from benchmarks.serving import loadgen, median_of, payload_images
 from serving.settings import ServingSettings
 from training.progress import progress
@@ -81,10 +81,7 @@ def main() -> None:
         "defaults": defaults(),
         "rows": rows,
     }
-    print(table(results))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    publish(results, table(results), args.output)
 
 
 def table(results: dict) -> str:

@@ -15,7 +15,6 @@ Prints tables and writes JSON (benchmarks/results/training.json).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from benchmarks.publish import publish
 from serving.files import read_json
 from training.checkpoint import new_model
 from training.config import CARD_FILE, DATASET_FILE, Params, TrainConfig, TtaSettings
@@ -203,10 +203,7 @@ def main() -> None:
         "median": median,
         "time_to_accuracy": accuracy,
     }
-    print("\n" + table(results))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    publish(results, "\n" + table(results), RESULTS)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ HEADER_OVERHEAD = 4  # ": " and CRLF around each header as it came over the wire
 class HeaderLimit:
     """ASGI middleware for every route: a request whose request line and headers together pass `max_bytes` gets
     a 431 naming the limit, and its body is never read. The HTTP parser under `bentoml serve` has held the
-    headers by then: a proxy in front limits them as they arrive (docs/serving.md, "Size limits")."""
+    headers by then: a proxy in front limits them as they arrive (docs/serving.md, "Exposing the service")."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app

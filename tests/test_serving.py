@@ -17,8 +17,8 @@ from PIL import Image
 
 from benchmarks.local_server import LocalServer
 from benchmarks.phone_photos import phone_photo
+from tests.lock_fixtures import REQUIREMENTS, pinned, unlocked_or_missing
 from tests.serving_fixtures import MODEL_NAME, metric_samples, png, serving
-from tests.test_setup import REQUIREMENTS, pinned, unlocked_or_missing
 
 pytestmark = pytest.mark.slow
 MAX_BODY = 4 * 1024 * 1024
