@@ -41,16 +41,15 @@ def onnx_model():
 def torch_model():
     import torch
 
-    from training.checkpoint import load_trained
+    from training.checkpoint import load_augmented
     from training.config import CARD_FILE, Params
-    from training.export import ServingModel
 
     name, params = METADATA["model_name"], Params.load()
-    net = ServingModel(load_trained(name, params, read_json(CARD_FILE), params.tta_for(name))).eval()
+    net = load_augmented(name, params, read_json(CARD_FILE))
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return net(torch.from_numpy(np.ascontiguousarray(images).copy()))[1].numpy()
+            return torch.softmax(net(torch.from_numpy(np.ascontiguousarray(images).copy())), dim=1).numpy()
 
     return run
 

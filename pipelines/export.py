@@ -6,17 +6,16 @@ MLflow run and saved in the BentoML model store."""
 
 import logging
 
-import numpy as np
-
 from pipelines._stage import run
 from serving.files import read_json, write_json
 from serving.model_store import save_onnx
 from training import tracking
-from training.checkpoint import load_trained
-from training.config import CARD_FILE, CHAMPION_FILE, DATASET_FILE, EXPORT_DIR, Params
-from training.data import Prepared
-from training.export import check_parity, export_onnx, onnx_metadata
-from training.quantize import QuantizationGateError, int8_gate, onnx_probabilities, quantize_int8
+from training.bundle import build_bundle
+from training.checkpoint import load_augmented
+from training.config import CARD_FILE, CHAMPION_FILE, CONTRAST_DIR, DATASET_FILE, EXPORT_DIR, Params
+from training.data import IDX_IMAGES_MAGIC, Prepared, read_idx
+from training.datasets import TEST_IMAGES
+from training.export import onnx_metadata
 
 log = logging.getLogger("export")
 
@@ -25,61 +24,42 @@ def main() -> None:
     params = Params.load()
     card = read_json(CARD_FILE)
     champion = read_json(CHAMPION_FILE)
-    prepared = Prepared.load(DATASET_FILE)
     tta = params.tta_for(champion["model"])
-    net = load_trained(champion["model"], params, card, tta)
     metadata = onnx_metadata(champion, card, params.data.spec.upload_fit, tta.describe(), tracking.git_commit())
+    contrast_spec = params.data.contrast_spec
+    contrast = read_idx(CONTRAST_DIR / TEST_IMAGES, IDX_IMAGES_MAGIC)[:, None] if contrast_spec else None
     log.info("exporting %s to ONNX, test-time augmentation in the graph: %s", champion["model"], tta.describe())
-    path = export_onnx(net, EXPORT_DIR / "model.onnx", metadata)
-    test_images, test_labels = prepared.images("test"), prepared.labels("test")
-    parity, fp32_probabilities = check_parity(net, path, test_images, atol=params.export.parity_atol, progress=True)
-    log.info(
-        "parity on %d test images: max |p_onnx - p_torch| = %.2e, argmax disagreements: %d",
-        parity["images"],
-        parity["max_abs_probability_diff"],
-        parity["argmax_disagreements"],
+    bundle = build_bundle(
+        load_augmented(champion["model"], params, card),
+        Prepared.load(DATASET_FILE),
+        contrast,
+        params.export,
+        metadata,
+        EXPORT_DIR,
+        params.data.seed,
+        params.evaluate.batch_size,
     )
-
-    settings = params.export.int8
-    train_images = prepared.images("train")
-    chosen = np.random.default_rng(params.data.seed).choice(
-        len(train_images), min(settings.calibration_images, len(train_images)), replace=False
-    )
-    log.info("quantizing to int8, calibrated on %d training images", len(chosen))
-    int8_path = quantize_int8(path, EXPORT_DIR / "model.int8.onnx", train_images[np.sort(chosen)])
-    try:
-        gate = int8_gate(
-            fp32_probabilities,
-            onnx_probabilities(int8_path, test_images),
-            test_labels,
-            settings.max_accuracy_drop,
-            settings.min_agreement,
-        )
-    except QuantizationGateError:
-        int8_path.unlink()  # never left where serving or `dvc commit` could take it
-        raise
-    log.info(
-        "int8 gate passed: test accuracy %.4f (fp32 %.4f), argmax agreement %.4f",
-        gate["int8_test_accuracy"],
-        gate["fp32_test_accuracy"],
-        gate["int8_argmax_agreement"],
-    )
-
     tracking.setup(params.experiment_name)
-    tracking.log_export(champion["run_id"], [path, int8_path], parity, gate)
-    tag = save_onnx(
-        {"fp32": path, "int8": int8_path},
-        params.bentoml_model_name,
-        labels={
-            "dataset": card["dataset"],
-            "model": champion["model"],
-            "run_id": champion["run_id"],
-            "accuracy": f"{champion['test_accuracy']:.4f}",
+    tracking.log_export(champion["run_id"], list(bundle.files.values()), bundle.figures)
+    tag = save_onnx(bundle.files, params.bentoml_model_name)
+    ood = params.export.ood
+    record = {
+        "bentoml_tag": tag,
+        "onnx": str(bundle.files["fp32"]),
+        "int8_onnx": str(bundle.files["int8"]),
+        "reference": str(bundle.files["reference"]),
+        "parity": bundle.figures["onnx_parity"],
+        "int8_gate": bundle.figures["int8_gate"],
+        "ood": {
+            "score": "relative Mahalanobis distance of the embedding",
+            "fit_images": ood.fit_images,
+            "false_positive_rate": ood.false_positive_rate,
+            "contrast_dataset": contrast_spec.name if contrast_spec else None,
+            **bundle.figures["ood"],
         },
-    )
-    record = {"bentoml_tag": tag, "onnx": str(path), "int8_onnx": str(int8_path), "parity": parity, "int8_gate": gate}
+    }
     write_json({**record, **metadata}, EXPORT_DIR / "export.json")
-    log.info("exported %s to %s and the BentoML store as %s", champion["model"], path, tag)
+    log.info("exported %s to %s and the BentoML store as %s", champion["model"], EXPORT_DIR, tag)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import bentoml
 from bentoml.exceptions import NotFound
 
-from serving.model_store import EXPORT_RECORD, MODEL_FILES, read_metadata, save_onnx
+from serving.model_store import EXPORT_RECORD, MODEL_FILES, STORED_FILES, save_onnx
 
 
 class ModelMissingError(RuntimeError):
@@ -23,21 +23,11 @@ def ensure_model(tag: str) -> None:
     except NotFound:
         pass
     export_dir = EXPORT_RECORD.parent
-    files = {
-        precision: export_dir / name for precision, (name, _) in MODEL_FILES.items() if (export_dir / name).is_file()
-    }
+    files = {role: export_dir / name for role, (name, _) in STORED_FILES.items() if (export_dir / name).is_file()}
     if "fp32" not in files or tag.endswith(":latest"):
         raise ModelMissingError(
             f"no trained model to serve: BentoML model {tag} is not in the local store and "
             f"{export_dir.name}/{MODEL_FILES['fp32'][0]} is missing; train one with `make run`, "
             "or fetch the team's from the DVC remote with `make pull`"
         )
-    metadata = read_metadata(files["fp32"])
-    labels = {
-        "dataset": metadata["dataset"],
-        "model": metadata["model_name"],
-        "run_id": metadata["mlflow_run_id"],
-        "accuracy": f"{metadata['test_accuracy']:.4f}",
-        "source": "dvc pull",
-    }
-    save_onnx(files, tag, labels)
+    save_onnx(files, tag, {"source": "dvc pull"})

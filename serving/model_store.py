@@ -13,8 +13,10 @@ from serving.files import sha256_file
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+REFERENCE_FILE = "reference.npz"  # what monitoring compares served traffic with: the validation split's outputs
 # each file the BentoML model holds, by precision, and the metadata key of its checksum
 MODEL_FILES = {"fp32": (ONNX_FILE, "onnx_sha256"), "int8": (INT8_FILE, "int8_sha256")}
+STORED_FILES = {**MODEL_FILES, "reference": (REFERENCE_FILE, "reference_sha256")}
 EXPORT_RECORD = Path(__file__).resolve().parents[1] / "export" / "export.json"
 
 
@@ -45,12 +47,19 @@ def decode_metadata(props: dict[str, str]) -> dict[str, Any]:
     return decoded
 
 
-def save_onnx(files: dict[str, Path], name: str, labels: dict[str, str]) -> str:
-    """Save the exported files, by precision ("fp32", "int8"), as a new version of BentoML model `name`,
-    with the fp32 file's ONNX metadata and every file's checksum (checked when served); return the tag."""
+def save_onnx(files: dict[str, Path], name: str, labels: dict[str, str] | None = None) -> str:
+    """Save the exported files (by role: "fp32", "int8", "reference") as a new version of BentoML model `name`,
+    with the fp32 file's ONNX metadata, every file's checksum (checked when served) and labels from that
+    metadata (dataset, model, run id, accuracy) plus `labels`; return the tag."""
     metadata = read_metadata(files["fp32"])
-    metadata.update({MODEL_FILES[precision][1]: sha256_file(path) for precision, path in files.items()})
-    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
-        for precision, path in files.items():
-            shutil.copyfile(path, model.path_of(MODEL_FILES[precision][0]))
+    metadata.update({STORED_FILES[role][1]: sha256_file(path) for role, path in files.items()})
+    described = {
+        "dataset": metadata["dataset"],
+        "model": metadata["model_name"],
+        "run_id": metadata["mlflow_run_id"],
+        "accuracy": f"{metadata['test_accuracy']:.4f}",
+    }
+    with bentoml.models.create(name, labels={**described, **(labels or {})}, metadata=metadata) as model:
+        for role, path in files.items():
+            shutil.copyfile(path, model.path_of(STORED_FILES[role][0]))
     return str(model.tag)

@@ -30,12 +30,17 @@ def test_export_writes_onnx_to_mlflow_and_the_bentoml_store(pipeline):
     assert gate["int8_accuracy_drop"] <= 0.03 and gate["int8_argmax_agreement"] >= 0.95  # the gate of edit_params
     name, version = record["bentoml_tag"].split(":")
     stored = Path(env["BENTOML_HOME"]) / "models" / name / version
-    assert (stored / "model.onnx").is_file() and (stored / "model.int8.onnx").is_file()
+    assert all((stored / name).is_file() for name in ("model.onnx", "model.int8.onnx", "reference.npz"))
+    ood = record["ood"]
+    assert ood["contrast_dataset"] == "mnist" and record["parity"]["max_relative_ood_score_diff"] <= 1e-3
+    for precision in ("fp32", "int8"):
+        assert 0.5 < ood[precision]["auroc"] <= 1 and ood[precision]["validation_flagged"] <= 0.1
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     logged = {a.path for a in client.list_artifacts(champion["run_id"], "onnx")}
-    assert logged == {"onnx/model.onnx", "onnx/model.int8.onnx"}
+    assert logged == {"onnx/model.onnx", "onnx/model.int8.onnx", "onnx/reference.npz"}
     metrics = client.get_run(champion["run_id"]).data.metrics
     assert metrics["int8_gate.int8_argmax_agreement"] == pytest.approx(gate["int8_argmax_agreement"])
+    assert metrics["ood.int8.auroc"] == pytest.approx(ood["int8"]["auroc"])
 
 
 def test_an_int8_model_outside_the_gate_fails_the_export_stage(pipeline, tmp_path):

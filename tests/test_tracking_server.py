@@ -69,7 +69,8 @@ def test_the_tiny_pipeline_logs_everything_to_a_postgresql_backed_server(postgre
     champion = client.get_model_version_by_alias("fashion-mnist-classifier", "champion")
     assert champion.run_id in {r.info.run_id for r in runs.values()}
     exported = {a.path for a in client.list_artifacts(champion.run_id, "onnx")}
-    assert exported == {"onnx/model.onnx", "onnx/model.int8.onnx"}  # the export stage, off the server
+    # the export stage, off the server
+    assert exported == {"onnx/model.onnx", "onnx/model.int8.onnx", "onnx/reference.npz"}
     assert "int8_gate.int8_argmax_agreement" in client.get_run(champion.run_id).data.metrics
 
     with psycopg.connect(backend) as connection, connection.cursor() as cursor:  # really in PostgreSQL

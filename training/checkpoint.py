@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from training.config import Params, TtaSettings, weights_path
+from training.config import Params, weights_path
 from training.models import TestTimeAugmented, build_model
 
 
@@ -23,9 +23,13 @@ def new_model(name: str, params: Params, card: dict) -> torch.nn.Sequential:
     return build_model(params.model_entry(name), len(card["class_names"]), card["pixel_mean"], card["pixel_std"])
 
 
-def load_trained(name: str, params: Params, card: dict, tta: TtaSettings | None = None) -> torch.nn.Module:
-    """The zoo model `name` with its trained weights, in eval mode, on the CPU; with `tta` it averages
-    its logits over the views that setting names."""
+def load_trained(name: str, params: Params, card: dict) -> torch.nn.Sequential:
+    """The zoo model `name` with its trained weights, in eval mode, on the CPU."""
     model = new_model(name, params, card)
     model.load_state_dict(torch.load(weights_path(name), map_location="cpu", weights_only=True))
-    return (TestTimeAugmented(model, tta) if tta else model).eval()
+    return model.eval()
+
+
+def load_augmented(name: str, params: Params, card: dict) -> TestTimeAugmented:
+    """The trained model averaged over the test-time views that model `name` gets, as it is exported."""
+    return TestTimeAugmented(load_trained(name, params, card), params.tta_for(name)).eval()

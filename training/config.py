@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training.datasets import DatasetSpec, get_spec
+from training.datasets import DATASETS, DatasetSpec, get_spec
 from training.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
@@ -35,6 +35,7 @@ REPORTS_DIR = Path("reports")
 EVALUATION_DIR = REPORTS_DIR / "evaluation"  # one folder per model, written by its evaluate stage
 REPORT_FILE = REPORTS_DIR / "report.md"  # the pipeline report, written by the select stage
 REPORT_FIGURES_DIR = REPORTS_DIR / "figures"
+CONTRAST_DIR = Path("data/contrast")  # the contrast dataset's test images, for the OOD score's AUROC
 CHAMPION_FILE = Path("champion.json")
 EXPORT_DIR = Path("export")
 
@@ -73,6 +74,7 @@ class SubsetSizes(Group):
 
 class DataSettings(Group):
     dataset: str
+    contrast: str  # a dataset unlike `dataset`, whose test images measure the OOD score: auto, a name, or ""
     mirror: str
     val_size: int | float  # a count of images, or a fraction when below 1
     seed: int
@@ -88,6 +90,13 @@ class DataSettings(Group):
             raise ValueError(str(exc)) from None
         return name
 
+    @field_validator("contrast")
+    @classmethod
+    def _known_contrast(cls, name: str) -> str:
+        if name not in ("auto", ""):
+            cls._known_dataset(name)
+        return name
+
     @field_validator("val_size")
     @classmethod
     def _count_or_fraction(cls, size: float) -> float:
@@ -98,6 +107,13 @@ class DataSettings(Group):
     @property
     def spec(self) -> DatasetSpec:
         return get_spec(self.dataset)
+
+    @property
+    def contrast_spec(self) -> DatasetSpec | None:
+        """`contrast` resolved: auto is the other official dataset (MNIST digits for Fashion-MNIST and back)."""
+        if self.contrast == "auto":
+            return next(spec for name, spec in DATASETS.items() if name != self.dataset)
+        return get_spec(self.contrast) if self.contrast else None
 
 
 class TrainConfig(Group):
@@ -220,10 +236,17 @@ class Int8Settings(Group):
     min_agreement: Fraction  # fraction of test images on which int8 and fp32 must predict the same class
 
 
+class OodSettings(Group):
+    fit_images: PositiveInt  # training images the score's class means and covariances are fitted on
+    false_positive_rate: Annotated[float, Field(gt=0, lt=1)]  # validation images the threshold flags
+    parity_rtol: Annotated[float, Field(gt=0)]  # max |s_onnx - s_torch| / max(1, |s_torch|) over the test set
+
+
 class ExportSettings(Group):
     parity_atol: Annotated[float, Field(gt=0)]
     bentoml_model: str
     int8: Int8Settings
+    ood: OodSettings
 
 
 class Params(Group):

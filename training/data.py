@@ -117,6 +117,19 @@ def stratified_split(labels: np.ndarray, size: int | float, seed: int) -> tuple[
     return rest_idx, chosen_idx
 
 
+def save_npz(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """An .npz (what np.load reads) whose bytes depend on the arrays alone: np.savez stamps each member with the
+    current time, and DVC would then see every re-run of a stage as new data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, array in arrays.items():
+            member = zipfile.ZipInfo(f"{key}.npy", date_time=FIXED_ZIP_TIME)
+            with archive.open(member, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+    tmp.replace(path)
+
+
 @dataclass
 class Prepared:
     """The arrays every later stage reads: uint8 images [N,1,28,28] and labels per split."""
@@ -130,16 +143,7 @@ class Prepared:
         return self.arrays[f"y_{split}"]
 
     def save(self, path: Path) -> None:
-        """An .npz (what np.load reads) whose bytes depend on the arrays alone: np.savez stamps each member
-        with the current time, and DVC would then see every re-run of prepare as new data."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for key, array in self.arrays.items():
-                member = zipfile.ZipInfo(f"{key}.npy", date_time=FIXED_ZIP_TIME)
-                with archive.open(member, "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
-        tmp.replace(path)
+        save_npz(self.arrays, path)
 
     @classmethod
     def load(cls, path: Path) -> Prepared:

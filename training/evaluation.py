@@ -88,7 +88,7 @@ class Evaluation:
 
 
 def evaluate_model(
-    net: torch.nn.Module, prepared: Prepared, class_names: list[str], tta: TtaSettings, batch_size: int
+    net: torch.nn.Sequential, prepared: Prepared, class_names: list[str], tta: TtaSettings, batch_size: int
 ) -> Evaluation:
     """Score `net` on both held-out splits, averaging its logits over the views `tta` names, exactly as the
     exported graph computes them; `test_accuracy_single_view` is the network alone, to show what TTA buys."""

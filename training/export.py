@@ -1,4 +1,5 @@
-"""Export a trained model to one self-contained ONNX file that carries everything serving needs."""
+"""Export a trained model to one self-contained ONNX file that carries everything serving needs: the class
+probabilities, the embedding and its out-of-distribution score, the preprocessing and the metadata."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import torch
 
 from training.datasets import IMAGE_SHAPE
 from training.errors import PipelineError
+from training.models import TestTimeAugmented
+from training.ood import RelativeMahalanobis
 from training.progress import progress as progress_of
 
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "probabilities")
+OUTPUT_NAMES = ("logits", "probabilities", "ood_score", "embedding")
 
 
 class ParityError(PipelineError):
@@ -23,15 +26,16 @@ class ParityError(PipelineError):
 
 
 class ServingModel(torch.nn.Module):
-    """uint8 pixels [N,1,28,28] in; logits and softmax probabilities out. Normalisation is in `net`."""
+    """uint8 pixels [N,1,28,28] in; logits, softmax probabilities, the out-of-distribution score and the embedding
+    out, each averaged over the test-time views. Normalisation is in `net`."""
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: TestTimeAugmented, ood_score: RelativeMahalanobis):
         super().__init__()
-        self.net = net
+        self.net, self.ood_score = net, ood_score
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(images)
-        return logits, torch.softmax(logits, dim=1)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, embedding = self.net.features(images)
+        return logits, torch.softmax(logits, dim=1), self.ood_score(embedding), embedding
 
 
 def input_spec() -> dict:
@@ -44,9 +48,9 @@ def input_spec() -> dict:
     }
 
 
-def export_onnx(net: torch.nn.Module, path: Path, metadata: dict[str, object]) -> Path:
+def export_onnx(model: ServingModel, path: Path, metadata: dict[str, object]) -> Path:
     """Write the ONNX file (dynamic batch axis, no external data), stamp metadata, run the full check."""
-    model = ServingModel(net.cpu()).eval()
+    model = model.cpu().eval()
     example = torch.zeros(2, *IMAGE_SHAPE, dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     program = torch.onnx.export(
@@ -60,44 +64,77 @@ def export_onnx(net: torch.nn.Module, path: Path, metadata: dict[str, object]) -
         dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1 << 20)}},
     )
     assert program is not None  # dynamo=True always returns the program
-    proto = program.model_proto
     props = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     props["input_spec"] = json.dumps(input_spec())
+    save_checked(program.model_proto, path, props)
+    return path
+
+
+def save_checked(proto: onnx.ModelProto, path: Path, props: dict[str, str]) -> None:
+    """`proto` with exactly `props` as its metadata, written atomically once onnx's full check passes."""
+    del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, props)
-    proto.doc_string = f"{metadata.get('model_name', 'model')} image classifier; metadata_props describe it"
+    proto.doc_string = f"{props.get('model_name', 'model')} image classifier; metadata_props describe it"
     tmp = path.with_suffix(".tmp")
     onnx.save_model(proto, tmp)
     onnx.checker.check_model(str(tmp), full_check=True)
     tmp.replace(path)
-    return path
+
+
+def add_metadata(path: Path, values: dict[str, object]) -> None:
+    """Add (or replace) metadata entries of an exported file, JSON-encoded as export_onnx encodes them."""
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update({key: value if isinstance(value, str) else json.dumps(value) for key, value in values.items()})
+    save_checked(proto, path, props)
+
+
+def onnx_outputs(path: Path, images: np.ndarray, batch_size: int = 1000) -> dict[str, np.ndarray]:
+    """Every output of the exported graph for `images`, from onnxruntime on the CPU as the service runs it."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batches = [
+        session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i : i + batch_size]})
+        for i in range(0, len(images), batch_size)
+    ]
+    return {name: np.concatenate([b[k] for b in batches]) for k, name in enumerate(OUTPUT_NAMES)}
 
 
 def check_parity(
-    net: torch.nn.Module,
+    model: ServingModel,
     path: Path,
     images: np.ndarray,
     atol: float,
+    score_rtol: float,
     batch_size: int = 1000,
     progress: bool = False,
-) -> tuple[dict[str, float], np.ndarray]:
-    """Compare ONNX Runtime (CPU) with PyTorch on every image; raise unless argmax agrees everywhere
-    and probabilities differ by at most `atol`. Returns the figures and onnxruntime's probabilities."""
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Compare ONNX Runtime (CPU) with PyTorch on every image; raise unless argmax agrees everywhere,
+    probabilities differ by at most `atol` and out-of-distribution scores by at most `score_rtol` of their
+    size (at least 1). Returns the figures and every output onnxruntime gave."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    net = net.cpu().eval()
-    max_diff, disagreements, outputs = 0.0, 0, []
+    model = model.cpu().eval()
+    max_diff, max_score_diff, disagreements, outputs = 0.0, 0.0, 0, []
     starts = range(0, len(images), batch_size)
     for start in progress_of(starts, "parity check", unit="batch") if progress else starts:
         batch = images[start : start + batch_size]
         with torch.no_grad():
-            expected = torch.softmax(net(torch.from_numpy(batch)), dim=1).numpy()
-        got = session.run(["probabilities"], {INPUT_NAME: batch})[0]
+            _, expected, expected_score, _ = (t.numpy() for t in model(torch.from_numpy(batch)))
+        got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
         outputs.append(got)
-        max_diff = max(max_diff, float(np.abs(got - expected).max()))
-        disagreements += int((got.argmax(1) != expected.argmax(1)).sum())
-    result = {"images": len(images), "max_abs_probability_diff": max_diff, "argmax_disagreements": disagreements}
-    if disagreements or max_diff > atol:
-        raise ParityError(f"ONNX and PyTorch disagree: {result} (tolerance {atol})")
-    return result, np.concatenate(outputs)
+        probabilities, score = got[OUTPUT_NAMES.index("probabilities")], got[OUTPUT_NAMES.index("ood_score")]
+        max_diff = max(max_diff, float(np.abs(probabilities - expected).max()))
+        relative = np.abs(score - expected_score) / np.maximum(1.0, np.abs(expected_score))
+        max_score_diff = max(max_score_diff, float(relative.max()))
+        disagreements += int((probabilities.argmax(1) != expected.argmax(1)).sum())
+    result = {
+        "images": len(images),
+        "max_abs_probability_diff": max_diff,
+        "max_relative_ood_score_diff": max_score_diff,
+        "argmax_disagreements": disagreements,
+    }
+    if disagreements or max_diff > atol or max_score_diff > score_rtol:
+        raise ParityError(f"ONNX and PyTorch disagree: {result} (tolerances {atol}, {score_rtol} relative)")
+    return result, {name: np.concatenate([o[k] for o in outputs]) for k, name in enumerate(OUTPUT_NAMES)}
 
 
 def onnx_metadata(

@@ -144,14 +144,21 @@ def fetch_file(
 
 
 def fetch_dataset(
-    spec: DatasetSpec, dest_dir: Path, mirror: str | None = None, progress: bool = True, **kwargs
+    spec: DatasetSpec,
+    dest_dir: Path,
+    mirror: str | None = None,
+    progress: bool = True,
+    files: tuple[str, ...] | None = None,
+    **kwargs,
 ) -> list[Path]:
+    """The dataset's official files (or those of them named in `files`) in `dest_dir`, and nothing else there."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     sources = resolve_sources(spec, mirror)
     log.info("fetching %s from %s", spec.name, ", ".join(sources))
     paths = [
         fetch_file(name, checksum, dest_dir, sources, progress=progress, **kwargs)
         for name, checksum in spec.sha256.items()
+        if files is None or name in files
     ]
     for stale in set(dest_dir.iterdir()) - set(paths):  # files of another dataset
         if stale.is_file():

@@ -158,7 +158,7 @@ class TestTimeAugmented(nn.Module):
     random crop), and with `tta.flip` the mirror images of all of those. All views go through the network
     as one batch."""
 
-    def __init__(self, net: nn.Module, tta: TtaSettings):
+    def __init__(self, net: nn.Sequential, tta: TtaSettings):
         super().__init__()
         self.net, self.flip, self.shift, self.views = net, tta.flip, tta.shift, tta.views
 
@@ -177,6 +177,17 @@ class TestTimeAugmented(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.net(self.augmented(x))
         return logits.reshape(self.views, -1, logits.shape[-1]).mean(0)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits, as forward() gives them, and the embedding (what the network's last linear layer
+        takes), both averaged over the views."""
+        embedding = self.net[:-1](self.augmented(x))
+        logits = self.net[-1](embedding)
+
+        def mean(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(self.views, -1, t.shape[-1]).mean(0)
+
+        return mean(logits), mean(embedding)
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
 from training.errors import PipelineError
-from training.export import INPUT_NAME
+from training.export import INPUT_NAME, save_checked
 
 CALIBRATION_BATCH = 64
 
@@ -32,9 +31,28 @@ class _CalibrationBatches(CalibrationDataReader):
         return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch)}
 
 
+def ood_only_nodes(model: onnx.ModelProto) -> list[str]:
+    """The nodes that compute the out-of-distribution score from the embedding and nothing else: left in fp32,
+    since an int8 quadratic form of a few hundred dimensions would blur the very distances it ranks."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+
+    def ancestors(tensor: str) -> set[str]:
+        seen: set[str] = set()
+        stack = [tensor]
+        while stack:
+            node = producers.get(stack.pop())
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                stack.extend(node.input)
+        return seen
+
+    return sorted(ancestors("ood_score") - ancestors("logits"))
+
+
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -> Path:
     """Write the int8 model: 8-bit activations and weights (weights per output channel) with QDQ nodes, so
-    any execution provider can run it; the fp32 file's metadata, `precision` set to int8."""
+    any execution provider can run it, the out-of-distribution head left in fp32; the fp32 file's metadata,
+    `precision` set to int8."""
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference and folding, as onnxruntime advises
@@ -49,29 +67,14 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: np.ndarr
             # on this project's CPU); int8 activations ran at a third of fp32's speed there
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            nodes_to_exclude=ood_only_nodes(onnx.load(str(prepared))),
         )
         proto = onnx.load(str(quantized))
     props = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
     props["precision"] = "int8"
     props["calibration_images"] = str(len(calibration_images))
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, props)
-    tmp = int8_path.with_suffix(".tmp")
-    onnx.save_model(proto, tmp)
-    onnx.checker.check_model(str(tmp), full_check=True)
-    tmp.replace(int8_path)
+    save_checked(proto, int8_path, props)
     return int8_path
-
-
-def onnx_probabilities(path: Path, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Class probabilities from onnxruntime on the CPU, as the service computes them."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate(
-        [
-            session.run(["probabilities"], {INPUT_NAME: images[i : i + batch_size]})[0]
-            for i in range(0, len(images), batch_size)
-        ]
-    )
 
 
 def int8_gate(

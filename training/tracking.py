@@ -147,10 +147,12 @@ def register_champion(champion: dict, registered_model: str, alias: str, report_
     return int(version.version)
 
 
-def log_export(run_id: str, onnx_files: list[Path], parity: dict[str, float], int8_gate: dict[str, float]) -> None:
-    """The exported ONNX files (fp32 and int8), the parity check and the int8 gate, in the champion's run."""
+def log_export(run_id: str, files: list[Path], figures: dict[str, dict]) -> None:
+    """The exported files (fp32 and int8 ONNX, the monitoring reference) and the export's figures (parity, the
+    int8 gate, the out-of-distribution score per file), in the champion's run: `{group}.{name}` metrics."""
     with start_run(run_id=run_id):
-        for onnx_file in onnx_files:
-            mlflow.log_artifact(str(onnx_file), artifact_path="onnx")
-        mlflow.log_metrics({f"onnx_parity.{k}": float(v) for k, v in parity.items()})
-        mlflow.log_metrics({f"int8_gate.{k}": float(v) for k, v in int8_gate.items()})
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="onnx")
+        mlflow.log_metrics(
+            {f"{group}.{k}": float(v) for group, values in figures.items() for k, v in flatten(values).items()}
+        )
