@@ -34,7 +34,7 @@ MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: setup requirements browser run run-full push pull lint test test-fast ui mlflow-server serve doctor bench \
+.PHONY: setup requirements test-tools run run-full push pull lint test test-fast ui mlflow-server serve monitor doctor bench \
 	bench-sweep bench-train bench-photos bench-headers docs clean
 
 setup: $(VENV)/.installed
@@ -68,9 +68,10 @@ push: setup
 pull: setup
 	$(BIN)/dvc pull
 
-# Debian's Chromium and ChromeDriver for the browser tests (skipped, saying why, where they can't be installed).
-browser:
-	tests/install_browser.sh
+# Debian's Chromium, ChromeDriver and Prometheus for the browser and monitoring tests (skipped, saying why,
+# where they can't be installed).
+test-tools:
+	tests/install_debian_packages.sh
 
 # Lint and format (ruff), types (mypy), every imported package declared (deptry), and Markdown that renders
 # (rumdl: README.md and docs/, fences closed, links and #anchors resolving): all configured in pyproject.toml.
@@ -82,7 +83,7 @@ lint: setup
 	$(BIN)/rumdl check
 
 # Screenshots of the browser tests land in test-artifacts/screenshots.
-test: lint browser
+test: lint test-tools
 	$(BIN)/pytest
 
 # The unit tests, in-process: no `bentoml serve`, browser, database, MLflow server or `dvc repro`.
@@ -100,13 +101,19 @@ mlflow-server: setup
 serve: setup
 	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve serving.service:Classifier --host $(HOST) --port $(PORT)
 
+# A drift and quality report on the served traffic: the last 24 h, `SINCE=<ISO time>` or `LAST=<N>` predictions.
+monitor: setup
+	DO_NOT_TRACK=1 $(BIN)/python -m monitoring.report $(if $(SINCE),--since $(SINCE)) $(if $(LAST),--last $(LAST))
+
 # What this machine offers the served model: torch and CUDA, onnxruntime's providers, what SERVING_DEVICE and
 # SERVING_PRECISION resolve to, and a 3-second throughput probe per usable provider and precision.
 doctor: setup
 	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m serving.doctor
 
+# ... and the prediction log's cost: on against off, a 60-s soak, an unwritable log folder.
 bench: setup
 	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.serving
+	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.prediction_log
 
 # Our service under other splits of the CPUs into workers and threads, and other batch caps.
 bench-sweep: setup

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import requests
 
@@ -39,7 +40,7 @@ class ChildServer:
             env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
         )
 
-    def wait_ready(self, timeout: float = 180) -> ChildServer:
+    def wait_ready(self, timeout: float = 180) -> Self:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None or "Application startup failed" in self.log_path.read_text():

@@ -144,11 +144,11 @@ def raw_onnxruntime(path: Path, images: np.ndarray, repeats: int) -> dict:
     return {
         "precision": model.precision,
         "png_batch_1_images_per_s": per_second(
-            lambda: [model.probabilities(image_to_input(data, *fit, MAX_IMAGE_PIXELS)[None]) for data in pngs],
+            lambda: [model.outputs(image_to_input(data, *fit, MAX_IMAGE_PIXELS)[None]) for data in pngs],
             len(pngs),
         ),
-        "json_batch_256_images_per_s": per_second(lambda: model.probabilities(parse_batch(body, 1024, shape)), 256),
-        "session_run_batch_256_images_per_s": per_second(lambda: model.probabilities(images[:256, None]), 256),
+        "json_batch_256_images_per_s": per_second(lambda: model.outputs(parse_batch(body, 1024, shape)), 256),
+        "session_run_batch_256_images_per_s": per_second(lambda: model.outputs(images[:256, None]), 256),
     }
 
 

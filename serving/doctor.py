@@ -31,10 +31,10 @@ def torch_line() -> str:
 def probe(model: OnnxClassifier, batch: int, seconds: float) -> float:
     """Images per second at `batch`, over `seconds` of back-to-back calls after one warm-up call."""
     images = np.zeros((batch, *model.image_shape), dtype=np.uint8)
-    model.probabilities(images)
+    model.outputs(images)
     calls, started = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds:
-        model.probabilities(images)
+        model.outputs(images)
         calls += 1
     return calls * batch / elapsed
 

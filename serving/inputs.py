@@ -11,10 +11,11 @@ from starlette.requests import Request
 class ClientError(Exception):
     """A request the service cannot use: answered with `status` and `{"error": message}`."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.headers = headers or {}
 
 
 async def read_upload(request: Request, field: str) -> bytes:

@@ -4,12 +4,15 @@ extension (a JSON header of `Inference-Header-Content-Length` bytes, then the ra
 
 One model, named as registered (fashion-mnist-classifier or mnist-classifier), version = its BentoML tag's.
 Input: UINT8 [-1,1,28,28] pixels (FP32 holding whole numbers 0-255 is accepted too); outputs `logits` and
-`probabilities`, FP32 [-1,classes]. Inference goes through the service's batcher, with /predict's requests.
+`probabilities`, FP32 [-1,classes], `ood_score` FP32 [-1], `out_of_distribution` BOOL [-1] and `prediction_id`
+BYTES [-1] (for POST /feedback). Inference goes through the service's batcher, with /predict's requests, and
+is counted and logged as they are.
 A request the service cannot use gets 400 (404 for an unknown model or version) and {"error": "..."}.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import bentoml
@@ -18,9 +21,15 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from serving.inputs import ClientError
-from serving.runtime import OUTPUT_NAMES
 
 DATATYPES: dict[str, np.dtype] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
+OUTPUTS = {  # name: datatype, whether it has a column per class
+    "logits": ("FP32", True),
+    "probabilities": ("FP32", True),
+    "ood_score": ("FP32", False),
+    "out_of_distribution": ("BOOL", False),
+    "prediction_id": ("BYTES", False),
+}
 HEADER_LENGTH = "inference-header-content-length"
 ERROR = {"model": dict[str, str], "description": 'what is wrong with the request: {"error": "..."}'}
 NOT_FOUND = {  # a name the router cannot even match (a line break in it) gets the server's plain 404
@@ -77,7 +86,10 @@ async def model_metadata(name: str, version: str | None = None) -> Response:
             "versions": [service.bento_model.tag.version],
             "platform": "onnxruntime_onnx",
             "inputs": [{"name": service.model.input_name, "datatype": "UINT8", "shape": [-1, *service.image_shape]}],
-            "outputs": [{"name": output, "datatype": "FP32", "shape": [-1, classes]} for output in OUTPUT_NAMES],
+            "outputs": [
+                {"name": name, "datatype": datatype, "shape": [-1, classes] if per_class else [-1]}
+                for name, (datatype, per_class) in OUTPUTS.items()
+            ],
         }
     )
 
@@ -94,14 +106,24 @@ async def model_ready(name: str, version: str | None = None) -> Response:
 @router.post("/models/{name}/versions/{version}/infer")
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
     """Classify a batch of images given as an input tensor (Open Inference Protocol)."""
+    started = time.perf_counter()
     service = _model(name, version)
     with service.batcher.tracked():
         body = await request.body()
         header, binary = split_request(body, request.headers.get(HEADER_LENGTH))
         limit = service.settings.max_batch_images
         images = input_images(header, binary, service.model.input_name, tuple(service.image_shape), limit)
-        scores = await service.batcher(images)
-        outputs = [requested_output(o) for o in header.get("outputs") or [{"name": o} for o in OUTPUT_NAMES]]
+        outputs = [requested_output(o) for o in header.get("outputs") or [{"name": o} for o in OUTPUTS]]
+        rows = await service.batcher(images)
+        ids, flagged = service.observe(images, rows, "/v2/infer", started)
+        columns = service.model.columns
+        values = {
+            "logits": columns.logits(rows),
+            "probabilities": columns.probabilities(rows),
+            "ood_score": columns.ood_score(rows),
+            "out_of_distribution": flagged,
+            "prediction_id": ids,
+        }
         all_binary = bool((header.get("parameters") or {}).get("binary_data_output"))
         response: dict[str, Any] = {"model_name": name, "model_version": service.bento_model.tag.version}
         if "id" in header:
@@ -109,14 +131,10 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
         response["outputs"] = []
         tensors = []
         for output_name, binary_output in outputs:
-            tensor = np.ascontiguousarray(scores[:, OUTPUT_NAMES.index(output_name)], dtype="<f4")
-            entry: dict[str, Any] = {"name": output_name, "datatype": "FP32", "shape": list(tensor.shape)}
-            if binary_output or all_binary:
-                entry["parameters"] = {"binary_data_size": tensor.nbytes}
-                tensors.append(tensor.tobytes())
-            else:
-                entry["data"] = tensor.ravel().tolist()
+            entry, data = tensor(output_name, values[output_name], binary_output or all_binary)
             response["outputs"].append(entry)
+            if data is not None:
+                tensors.append(data)
     text = orjson.dumps(response)
     if not tensors:
         return Response(text, media_type="application/json")
@@ -125,6 +143,23 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(len(text))},
     )
+
+
+def tensor(name: str, value: Any, binary: bool) -> tuple[dict[str, Any], bytes | None]:
+    """An output tensor's JSON entry, and its raw bytes where it travels as binary tensor data (BYTES: each
+    element a 4-byte little-endian length, then the bytes)."""
+    datatype = OUTPUTS[name][0]
+    shape = [len(value)] if datatype == "BYTES" else list(np.shape(value))
+    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+    if not binary:
+        entry["data"] = list(value) if datatype == "BYTES" else np.asarray(value).ravel().tolist()
+        return entry, None
+    if datatype == "BYTES":
+        data = b"".join(len(v).to_bytes(4, "little") + v.encode() for v in value)
+    else:
+        data = np.ascontiguousarray(value, dtype="<f4" if datatype == "FP32" else np.bool_).tobytes()
+    entry["parameters"] = {"binary_data_size": len(data)}
+    return entry, data
 
 
 def split_request(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -199,7 +234,7 @@ def _json_data(data: Any, size: int, dims: list[int]) -> np.ndarray:
 
 def requested_output(output: Any) -> tuple[str, bool]:
     """(name, as binary tensor data) of a requested output."""
-    if not isinstance(output, dict) or output.get("name") not in OUTPUT_NAMES:
+    if not isinstance(output, dict) or output.get("name") not in OUTPUTS:
         name = output.get("name") if isinstance(output, dict) else output
-        raise ClientError(f"unknown output {name!r}: the model's outputs are {', '.join(OUTPUT_NAMES)}")
+        raise ClientError(f"unknown output {name!r}: the model's outputs are {', '.join(OUTPUTS)}")
     return output["name"], bool((output.get("parameters") or {}).get("binary_data"))

@@ -18,7 +18,7 @@ log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-OUTPUT_NAMES = ("logits", "probabilities")  # the exported graph's outputs (training/export.py), in this order
+OUTPUT_NAMES = ("logits", "probabilities", "ood_score", "embedding")  # the exported graph's (training/export.py)
 
 
 def gpu_present() -> bool:
@@ -99,6 +99,25 @@ def choose_precision(requested: str, device: str, available: list[str]) -> str:
     if requested not in available:
         raise ModelFileError(f"SERVING_PRECISION={requested}: this model has only {', '.join(available)}")
     return requested
+
+
+class Columns:
+    """Where each output sits in a row of OnnxClassifier.outputs: logits, probabilities, score, embedding."""
+
+    def __init__(self, classes: int):
+        self.classes = classes
+
+    def logits(self, rows: np.ndarray) -> np.ndarray:
+        return rows[:, : self.classes]
+
+    def probabilities(self, rows: np.ndarray) -> np.ndarray:
+        return rows[:, self.classes : 2 * self.classes]
+
+    def ood_score(self, rows: np.ndarray) -> np.ndarray:
+        return rows[:, 2 * self.classes]
+
+    def embedding(self, rows: np.ndarray) -> np.ndarray:
+        return rows[:, 2 * self.classes + 1 :]
 
 
 class ModelFileError(RuntimeError):
@@ -185,14 +204,21 @@ class OnnxClassifier:
         self.image_shape = tuple(spec["shape"][1:])
         self.class_names: list[str] = self.metadata["class_names"]
         self.precision: str = self.metadata.get("precision", "fp32")
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(["probabilities"], {self.input_name: images})[0]
+        given = {output.name for output in self.session.get_outputs()}
+        if not given >= set(OUTPUT_NAMES) or "ood_threshold" not in self.metadata:
+            raise ModelFileError(
+                f"model file {path} has no out-of-distribution score (outputs {sorted(given)}): it was exported "
+                "before the service scored inputs; export it again (`dvc repro export`)"
+            )
+        self.ood_threshold = float(self.metadata["ood_threshold"])
+        self.columns = Columns(len(self.class_names))
 
     def outputs(self, images: np.ndarray) -> np.ndarray:
-        """Logits and probabilities, [N, 2, classes], from one run of the graph."""
+        """Every output for each image, one row each (`self.columns` tells them apart), from one run of the graph:
+        one array is what the batcher slices among the requests of a batch."""
         session = self.bulk_session if self.bulk_above and len(images) > self.bulk_above else self.session
-        return np.stack(session.run(list(OUTPUT_NAMES), {self.input_name: images}), axis=1)
+        logits, probabilities, score, embedding = session.run(list(OUTPUT_NAMES), {self.input_name: images})
+        return np.concatenate([logits, probabilities, score[:, None], embedding], axis=1)
 
     def warm_up(self, max_batch_size: int, max_request_images: int = 0) -> None:
         """Run every batch size the batcher can form, and the largest request, so none pays a first-call

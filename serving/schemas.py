@@ -17,15 +17,40 @@ class ClassProbability(BaseModel):
 
 
 class Prediction(BaseModel):
+    prediction_id: str = Field(description="the prediction's id in the prediction log: what POST /feedback takes")
     label: int = Field(description="index of the predicted class")
     class_name: str
     confidence: float = Field(description="probability of the predicted class")
     top_k: list[ClassProbability]
+    ood_score: float = Field(description="how unlike the training images the input is (higher: less alike)")
+    out_of_distribution: bool = Field(
+        description="the score is over the threshold calibrated at export on the validation images "
+        "(export.ood.false_positive_rate of them are flagged)"
+    )
 
 
 class Details(Prediction):
     probabilities: list[ClassProbability] = Field(description="every class, in class order")
     model_input: list[list[int]] = Field(description="the grey image the model took, rows of pixels 0-255")
+
+
+PREDICTION_ID = r"^[0-9a-f]{32}$"
+
+
+class Feedback(BaseModel):
+    """A prediction's true class, for live accuracy and for training data."""
+
+    model_config = {"extra": "forbid", "strict": True}  # strict: `false` is not the class 0
+    prediction_id: str = Field(pattern=PREDICTION_ID, description="`prediction_id` of the answer")
+    label: int | str = Field(description="the true class: its index, or its name", examples=[3, "Dress"])
+
+
+class FeedbackStored(BaseModel):
+    prediction_id: str
+    label: int
+    class_name: str
+    predicted_label: int
+    correct: bool
 
 
 class Error(BaseModel):

@@ -16,6 +16,7 @@ import contextlib
 import gc
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,14 +24,15 @@ import anyio
 import bentoml
 import numpy as np
 from bentoml.exceptions import InvalidArgument
-from prometheus_client import Histogram
 from pydantic import Field
 
 from serving.batcher import MicroBatcher
 from serving.inputs import ClientError, images_to_array
 from serving.limits import ApiRequestGuard, HeaderLimit
+from serving.metrics import BATCH_SIZES, LOG_DROPPED, count_predictions
 from serving.model_source import ModelMissingError, ensure_model
 from serving.model_store import MODEL_FILES
+from serving.prediction_log import Outputs, Pending, PredictionLog, new_ids
 from serving.preprocess import ImageError, open_image, to_model_input
 from serving.routes import PREDICTION_ROUTES, build_api
 from serving.runtime import OnnxClassifier, ProviderError, choose_precision, require_cuda
@@ -45,9 +47,6 @@ try:
 except (SettingsError, ProviderError, ModelMissingError) as exc:
     sys.exit(f"serving: {exc}")  # one line, not a traceback through BentoML's loader
 INLINE_PIXELS = 256 * 256  # smaller uploads are decoded on the event loop; a thread hop costs more
-BATCH_SIZES = Histogram(
-    "serving_batch_size", "images per onnxruntime call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-)
 
 
 @bentoml.service(
@@ -83,6 +82,22 @@ class Classifier:
         self.upload_fit = int(self.metadata["upload_fit"])
         self.model.warm_up(SETTINGS.max_batch_size, SETTINGS.max_batch_images)
         self.batcher = MicroBatcher(self.model.outputs, SETTINGS.max_batch_size, on_batch=BATCH_SIZES.observe)
+        self.log = (
+            PredictionLog(
+                SETTINGS.prediction_log_dir,
+                str(self.bento_model.tag),
+                self.model.precision,
+                self.class_names,
+                self.model.ood_threshold,
+                keep_inputs=SETTINGS.prediction_log_inputs,
+                queue_requests=SETTINGS.prediction_log_queue,
+                max_bytes=SETTINGS.prediction_log_max_mb << 20,
+                max_age_s=SETTINGS.prediction_log_max_days * 86400,
+                on_drop=LOG_DROPPED.inc,
+            )
+            if SETTINGS.prediction_log
+            else None
+        )
         # Garbage-collector pauses were the p99: the start-up heap is never garbage (frozen, never scanned
         # again), and a larger young generation lets request objects die before they reach the old one.
         gc.collect()
@@ -92,6 +107,11 @@ class Classifier:
 
     def __is_ready__(self) -> bool:
         return getattr(self, "ready", False)
+
+    @bentoml.on_shutdown
+    def close_log(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
     def card(self) -> dict[str, Any]:
         keys = (
@@ -105,6 +125,7 @@ class Classifier:
             "parameters",
             "test_time_augmentation",
             "input_spec",
+            "ood_threshold",
         )
         return {
             "bentoml_tag": str(self.bento_model.tag),
@@ -125,24 +146,47 @@ class Classifier:
         except ImageError as exc:
             raise ClientError(str(exc)) from None
 
-    async def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities [N, classes] of model inputs [N,1,28,28], batched with concurrent requests."""
-        return (await self.batcher(images))[:, 1]
+    def observe(self, images: np.ndarray, rows: np.ndarray, route: str, started: float) -> tuple[list[str], np.ndarray]:
+        """Count one request's predictions in the metrics and queue them for the prediction log (inputs [N,1,28,28],
+        the model's output rows); return their ids and out-of-distribution flags."""
+        columns = self.model.columns
+        probabilities, scores = columns.probabilities(rows), columns.ood_score(rows)
+        flagged = scores > self.model.ood_threshold
+        count_predictions(self.class_names, probabilities.argmax(1), probabilities.max(1), flagged)
+        ids = new_ids(len(rows))
+        if self.log is not None:
+            outputs = Outputs(probabilities, scores, columns.embedding(rows))
+            latency_ms = (time.perf_counter() - started) * 1000
+            self.log.record(Pending(ids, time.time(), route, latency_ms, images, outputs))
+        return ids, flagged
 
-    def predictions(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
-        """One Prediction per row of class probabilities [N, classes]."""
-        top = np.argsort(-probabilities, axis=1)[:, : self.settings.top_k]
+    async def answer(self, images: np.ndarray, route: str, started: float, details: bool = False) -> list[dict]:
+        """One Prediction per model input [N,1,28,28], batched with concurrent requests, counted and logged; with
+        `details`, every class's probability too."""
+        rows = await self.batcher(images)
+        ids, flagged = self.observe(images, rows, route, started)
+        probabilities, scores = self.model.columns.probabilities(rows), self.model.columns.ood_score(rows)
+        top = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.settings.top_k]  # ties: argmax's class
         top_p = np.take_along_axis(probabilities, top, axis=1).tolist()
         names = self.class_names
-        return [
+        answers = [
             {
+                "prediction_id": prediction_id,
                 "label": labels[0],
                 "class_name": names[labels[0]],
                 "confidence": p[0],
                 "top_k": [{"class_name": names[i], "probability": q} for i, q in zip(labels, p, strict=True)],
+                "ood_score": score,
+                "out_of_distribution": ood,
             }
-            for labels, p in zip(top.tolist(), top_p, strict=True)
+            for prediction_id, labels, p, score, ood in zip(
+                ids, top.tolist(), top_p, scores.tolist(), flagged.tolist(), strict=True
+            )
         ]
+        if details:
+            for answer, row in zip(answers, probabilities.tolist(), strict=True):
+                answer["probabilities"] = [{"class_name": n, "probability": q} for n, q in zip(names, row, strict=True)]
+        return answers
 
     # BentoML's clients (`bentoml.SyncHTTPClient(url).predict(image=...)`) call these BentoML APIs: the answers
     # of POST /predict and /predict_batch, from the same in-process batcher.
@@ -150,17 +194,18 @@ class Classifier:
     @bentoml.api(route="/api/predict")
     async def predict(self, image: Annotated[Path, Field(json_schema_extra={"minLength": 1})]) -> dict[str, Any]:
         """Classify one image file: what POST /predict answers."""
+        started = time.perf_counter()
         with self.batcher.tracked(), invalid_arguments():
-            probabilities = await self.probabilities(await self.decode(image.read_bytes()))
-            return self.predictions(probabilities)[0]
+            return (await self.answer(await self.decode(image.read_bytes()), "/api/predict", started))[0]
 
     @bentoml.api(route="/api/predict_batch")
     async def predict_batch(self, images: ImageRows) -> list[dict[str, Any]]:
         """Classify images given as pixel arrays (each 28 rows of 28 integers 0-255): what POST /predict_batch
         answers."""
+        started = time.perf_counter()
         with self.batcher.tracked(), invalid_arguments():
             batch = images_to_array(images, self.settings.max_batch_images, self.image_shape)
-            return self.predictions(await self.probabilities(batch))
+            return await self.answer(batch, "/api/predict_batch", started)
 
 
 # bentoml.service returns a Service, which its type hints present as the class; the first middleware added is

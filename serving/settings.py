@@ -7,9 +7,10 @@ documentation, and a default computed at start is described by its factory's doc
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.model_store import default_model_tag
@@ -37,6 +38,14 @@ def threads_per_worker(data: dict[str, Any]) -> int:
 def export_record_tag() -> str:
     """the tag in export/export.json"""
     return default_model_tag()
+
+
+def prediction_log_dir() -> Path:
+    """`logs/predictions` in the workspace; in a built bento, `prediction_log` in BentoML's home"""
+    workspace = Path(__file__).resolve().parents[1]
+    if (workspace / "dvc.yaml").is_file():
+        return workspace / "logs" / "predictions"
+    return Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "prediction_log"
 
 
 class ServingSettings(BaseSettings):
@@ -89,6 +98,27 @@ class ServingSettings(BaseSettings):
         False,
         description="OpenTelemetry spans for the prediction routes: a third of the throughput, and they go "
         "nowhere until BentoML's tracing exporter is configured",
+    )
+    prediction_log: bool = Field(
+        True, description="one record per prediction in the prediction log (docs/monitoring.md)"
+    )
+    prediction_log_dir: Path = Field(
+        default_factory=prediction_log_dir, description="the prediction log's folder: each worker writes its own in it"
+    )
+    prediction_log_inputs: bool = Field(
+        True, description="the 28x28 model input (784 bytes) in each record, for feedback to become training data"
+    )
+    prediction_log_queue: PositiveInt = Field(
+        1000, description="requests whose records may wait for the writer; past that they are dropped, and counted"
+    )
+    prediction_log_max_mb: PositiveInt = Field(
+        1024, description="the log's size, all workers together; the oldest records are deleted past it"
+    )
+    prediction_log_max_days: PositiveInt = Field(30, description="records older than this are deleted")
+    feedback_token: SecretStr | None = Field(
+        None,
+        description="the bearer token POST /feedback requires; unset, feedback is refused (403): it becomes "
+        "training data, so nobody may write it anonymously",
     )
     access_log: bool = Field(
         False,

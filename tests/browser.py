@@ -1,6 +1,6 @@
 """Headless Debian Chromium driven by Selenium, for tests that look at pages as a person does.
 
-`make test` installs chromium and chromium-driver first (tests/install_browser.sh); where they are missing
+`make test` installs chromium and chromium-driver first (tests/install_debian_packages.sh); where they are missing
 the browser tests skip and say why. Screenshots go to test-artifacts/screenshots (TEST_ARTIFACTS overrides).
 """
 

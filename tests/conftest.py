@@ -75,22 +75,18 @@ def shared_datasets() -> Path:
 
 @pytest.fixture(scope="session")
 def served_model(tmp_path_factory) -> dict:
-    """A small model trained briefly, exported and saved in a throwaway BentoML store: for serving tests."""
-    import onnxruntime as ort
-
+    """A small model trained briefly, exported as the export stage exports and saved in a throwaway BentoML
+    store: for serving tests. `offline`: every output of each file for the first 1,000 test images."""
     from tests.serving_fixtures import small_model, store_model
+    from training.export import onnx_outputs
 
     folder = tmp_path_factory.mktemp("serving")
-    files, x_test, y_test = small_model(folder)
+    files, small = small_model(folder)
     home = folder / "bentoml"
     tag = store_model(files, home)
-    offline = {  # what each file says offline about the 1,000 test images
-        precision: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-            ["probabilities"], {"images": x_test[:1000]}
-        )[0]
-        for precision, path in files.items()
-    }
-    return {"files": files, "home": home, "tag": tag, "x": x_test[:1000], "y": y_test[:1000], "offline": offline}
+    x, y = small.x_test[:1000], small.y_test[:1000]
+    offline = {precision: onnx_outputs(files[precision], x) for precision in ("fp32", "int8")}
+    return {"files": files, "home": home, "tag": tag, "x": x, "y": y, "offline": offline, "small": small}
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,10 @@ import pytest
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
+from serving.model_store import read_metadata
 from tests.browser import chromium, screenshot, wait_for
-from tests.serving_fixtures import png, serving
+from tests.serving_fixtures import contrast_images, png, serving
+from training.export import onnx_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +57,7 @@ def test_uploading_a_test_image_shows_what_the_model_sees_and_says(page, served_
     predicted, bars = shown_prediction(page)
     screenshot(page, "demo-page-prediction")
 
-    expected = served_model["offline"]["int8"][0]  # what the served (int8) model says offline about this image
+    expected = served_model["offline"]["int8"]["probabilities"][0]  # what the served (int8) file says offline
     class_names = [
         "T-shirt/top",
         "Trouser",
@@ -75,6 +77,30 @@ def test_uploading_a_test_image_shows_what_the_model_sees_and_says(page, served_
     np.testing.assert_array_equal(model_input_pixels(page), image)  # a 28x28 dataset image is taken as it is
     card = page.find_element(By.ID, "model-card").text
     assert "mlp_512" in card and "CPUExecutionProvider" in card and "fashion-mnist" in card
+
+
+def test_an_image_unlike_the_training_data_is_flagged(page, served_model, tmp_path):
+    """An MNIST digit the served file scores over its threshold: the page says to doubt the prediction; a
+    Fashion-MNIST image it scores under the threshold: no such warning."""
+    served = served_model["files"]["int8"]
+    threshold = read_metadata(served)["ood_threshold"]
+    digits = contrast_images()[:200]
+    digit = digits[int(np.argmax(onnx_outputs(served, digits)["ood_score"] > threshold))]
+    clothes = served_model["x"][int(np.argmax(served_model["offline"]["int8"]["ood_score"] < threshold)), 0]
+    for pixels, flagged in ((digit[0], True), (clothes, False)):
+        path = tmp_path / f"flagged-{flagged}.png"
+        path.write_bytes(png(pixels))
+        upload(page, path)
+        shown_prediction(page)
+        warning = page.find_element(By.ID, "out-of-distribution")
+        wait_for(
+            page,
+            lambda d, w=warning, f=flagged: w.is_displayed() == f,
+            f"the warning {'shown' if flagged else 'hidden'}",
+        )
+        if flagged:
+            assert "Unlike the images the model learned from" in warning.text
+            screenshot(page, "demo-page-out-of-distribution")
 
 
 def test_a_file_that_is_not_an_image_shows_the_apis_error(page, tmp_path):

@@ -2,6 +2,7 @@
 client (tritonclient.http) speaking the Open Inference Protocol, JSON and binary tensors."""
 
 import asyncio
+import re
 
 import bentoml
 import numpy as np
@@ -36,6 +37,16 @@ def triton_client(server):
     client.close()
 
 
+def answer(prediction: dict) -> dict:
+    """A prediction but its id: two requests for one image get two ids and the same answer."""
+    return {k: v for k, v in prediction.items() if k != "prediction_id"}
+
+
+def answers(predictions: list[dict]) -> list[dict]:
+    assert len({p["prediction_id"] for p in predictions}) == len(predictions)
+    return [answer(p) for p in predictions]
+
+
 def test_bentoml_client_predicts_as_the_http_routes(server, images, tmp_path):
     paths = []
     for i, image in enumerate(images[:100]):
@@ -44,12 +55,12 @@ def test_bentoml_client_predicts_as_the_http_routes(server, images, tmp_path):
     with bentoml.SyncHTTPClient(server.url) as client:
         for path in paths:
             expected = requests.post(f"{server.url}/predict", files={"image": path.read_bytes()}, timeout=30).json()
-            assert client.predict(image=path) == expected
+            assert answer(client.predict(image=path)) == answer(expected)
         with Image.open(paths[0]) as image:
-            assert client.predict(image=image) == client.predict(image=paths[0])
+            assert answer(client.predict(image=image)) == answer(client.predict(image=paths[0]))
         pixels = images[:100, 0].tolist()
         expected = requests.post(f"{server.url}/predict_batch", json={"images": pixels}, timeout=30).json()
-        assert client.predict_batch(images=pixels) == expected
+        assert answers(client.predict_batch(images=pixels)) == answers(expected)
 
 
 def test_bentoml_async_client_predicts_as_the_http_routes(server, images):
@@ -60,7 +71,7 @@ def test_bentoml_async_client_predicts_as_the_http_routes(server, images):
             return await client.predict_batch(images=pixels)
 
     expected = requests.post(f"{server.url}/predict_batch", json={"images": pixels}, timeout=30).json()
-    assert asyncio.run(ask()) == expected
+    assert answers(asyncio.run(ask())) == answers(expected)
 
 
 def test_bentoml_client_errors_name_the_problem(server, tmp_path):
@@ -80,7 +91,13 @@ def test_open_inference_protocol_health_and_metadata(triton_client, server, serv
     assert "binary_tensor_data" in triton_client.get_server_metadata()["extensions"]
     metadata = triton_client.get_model_metadata(MODEL_NAME)
     assert metadata["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 1, 28, 28]}]
-    assert {o["name"]: o["shape"] for o in metadata["outputs"]} == {"logits": [-1, 10], "probabilities": [-1, 10]}
+    assert {o["name"]: (o["datatype"], o["shape"]) for o in metadata["outputs"]} == {
+        "logits": ("FP32", [-1, 10]),
+        "probabilities": ("FP32", [-1, 10]),
+        "ood_score": ("FP32", [-1]),
+        "out_of_distribution": ("BOOL", [-1]),
+        "prediction_id": ("BYTES", [-1]),
+    }
     version = served_model["tag"].split(":")[1]
     assert metadata["versions"] == [version]
     assert triton_client.is_model_ready(MODEL_NAME, model_version=version)
@@ -90,7 +107,8 @@ def test_open_inference_protocol_health_and_metadata(triton_client, server, serv
 def test_tritonclient_infer_gives_predict_batch_probabilities(triton_client, server, images, binary):
     tensor = triton.InferInput("images", list(images.shape), "UINT8")
     tensor.set_data_from_numpy(images, binary_data=binary)
-    outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("probabilities", "logits")]
+    names = ("probabilities", "logits", "ood_score", "out_of_distribution", "prediction_id")
+    outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in names]
     result = triton_client.infer(MODEL_NAME, [tensor], outputs=outputs, request_id="req-1")
     probabilities, logits = result.as_numpy("probabilities"), result.as_numpy("logits")
     assert result.get_response()["id"] == "req-1"
@@ -99,6 +117,10 @@ def test_tritonclient_infer_gives_predict_batch_probabilities(triton_client, ser
     assert [p["label"] for p in batch] == probabilities.argmax(1).tolist() == logits.argmax(1).tolist()
     top = np.array([p["confidence"] for p in batch])
     np.testing.assert_allclose(probabilities.max(1), top, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(result.as_numpy("ood_score"), [p["ood_score"] for p in batch], rtol=1e-5, atol=1e-4)
+    assert result.as_numpy("out_of_distribution").tolist() == [p["out_of_distribution"] for p in batch]
+    ids = [i.decode() if isinstance(i, bytes) else i for i in result.as_numpy("prediction_id")]
+    assert len(set(ids)) == 256 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
 
 
 def test_tritonclient_fp32_pixels_give_the_uint8_answers(triton_client, images):

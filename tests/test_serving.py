@@ -17,6 +17,7 @@ from PIL import Image
 
 from benchmarks.local_server import LocalServer
 from benchmarks.phone_photos import phone_photo
+from serving.model_store import read_metadata
 from tests.lock_fixtures import REQUIREMENTS, pinned, unlocked_or_missing
 from tests.serving_fixtures import MODEL_NAME, metric_samples, png, serving
 
@@ -43,7 +44,7 @@ def server(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def offline(model):
     """What the fp32 file says offline about the 1,000 test images."""
-    return model["offline"]["fp32"]
+    return model["offline"]["fp32"]["probabilities"]
 
 
 def test_binds_only_where_told(server):
@@ -112,6 +113,11 @@ def test_predict_a_png_of_a_test_image(server, model, offline):
     assert body["confidence"] == pytest.approx(float(offline[0].max()), abs=1e-5)
     assert body["top_k"][0]["class_name"] == body["class_name"]
     assert len(body["top_k"]) == 3
+    scores = model["offline"]["fp32"]["ood_score"]
+    assert body["ood_score"] == pytest.approx(float(scores[0]), rel=1e-4, abs=1e-3)
+    threshold = read_metadata(model["files"]["fp32"])["ood_threshold"]
+    assert body["out_of_distribution"] is bool(scores[0] > threshold)
+    assert re.fullmatch(r"[0-9a-f]{32}", body["prediction_id"])
 
 
 def test_predict_details_give_every_probability_and_the_model_input(server, model, offline):
@@ -125,7 +131,15 @@ def test_predict_details_give_every_probability_and_the_model_input(server, mode
     np.testing.assert_allclose([p["probability"] for p in body["probabilities"]], offline[1], atol=1e-5)
     np.testing.assert_array_equal(np.asarray(body["model_input"]), model["x"][1, 0])
     plain = requests.post(f"{server.url}/predict", files={"image": ("x.png", png(model["x"][1, 0]))}, timeout=10)
-    assert set(plain.json()) == {"label", "class_name", "confidence", "top_k"}  # the default answer stays small
+    assert set(plain.json()) == {  # the default answer stays small
+        "prediction_id",
+        "label",
+        "class_name",
+        "confidence",
+        "top_k",
+        "ood_score",
+        "out_of_distribution",
+    }
 
 
 def test_demo_page_is_served_without_anything_from_the_internet(server):
@@ -429,7 +443,7 @@ def test_the_default_on_the_cpu_serves_int8_as_accurate_as_offline(model, tmp_pa
         with ThreadPoolExecutor(16) as pool:
             served = np.array(list(pool.map(post, range(len(model["y"])))))
     assert card["precision"] == "int8" and card["execution_provider"] == "CPUExecutionProvider"
-    offline_labels = model["offline"]["int8"].argmax(1)
+    offline_labels = model["offline"]["int8"]["probabilities"].argmax(1)
     assert (served == offline_labels).mean() >= 0.99
     assert abs((served == model["y"]).mean() - (offline_labels == model["y"]).mean()) <= 0.005
 

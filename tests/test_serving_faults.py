@@ -38,7 +38,7 @@ def test_a_killed_worker_is_replaced_and_the_service_recovers_by_itself(served_m
     server = serve(served_model, tmp_path / "serve.log", SERVING_WORKERS="2").wait_ready()
     outcomes, stop = [], threading.Event()
     image = png(served_model["x"][0, 0])
-    expected = int(served_model["offline"]["int8"][0].argmax())
+    expected = int(served_model["offline"]["int8"]["probabilities"][0].argmax())
 
     def load():
         with requests.Session() as session:

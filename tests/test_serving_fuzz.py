@@ -122,6 +122,24 @@ bentoml_api_requests = st.tuples(  # BentoML's own API routes, for its clients
     st.sampled_from(["application/json", "multipart/form-data; boundary=xyz", ""]),
     batch_bodies,
 )
+TOKEN = "fuzz-token"
+feedback_bodies = st.one_of(
+    st.builds(
+        lambda prediction_id, label: json.dumps({"prediction_id": prediction_id, "label": label}).encode(),
+        st.one_of(st.text(max_size=40), st.just("0" * 32), st.from_regex(r"[0-9a-f]{32}", fullmatch=True)),
+        st.one_of(st.integers(-3, 12), st.sampled_from(["Dress", "dress", "", "7"]), json_values),
+    ),
+    st.builds(lambda value: json.dumps(value).encode(), json_values),
+    st.binary(max_size=200),
+)
+feedback_requests = st.tuples(  # POST /feedback: near-valid labels and ids, with and without the right token
+    st.just("/feedback"),
+    st.sampled_from(["application/json", "text/plain", ""]),
+    feedback_bodies,
+    st.sampled_from(
+        [{}, {"authorization": f"Bearer {TOKEN}"}, {"authorization": "Bearer nope"}, {"authorization": TOKEN}]
+    ),
+)
 other_requests = st.tuples(
     st.sampled_from(["/predict/", "/predict_batch?images=1", "/model", "/infer", "/%00", "/docs.json"]),
     st.sampled_from(["application/json", ""]),
@@ -132,7 +150,10 @@ other_requests = st.tuples(
 @pytest.fixture(scope="module")
 def server(served_model, tmp_path_factory):
     with serving(
-        served_model, tmp_path_factory.mktemp("logs") / "serve.log", SERVING_MAX_BODY_BYTES=str(MAX_BODY)
+        served_model,
+        tmp_path_factory.mktemp("logs") / "serve.log",
+        SERVING_MAX_BODY_BYTES=str(MAX_BODY),
+        SERVING_FEEDBACK_TOKEN=TOKEN,
     ) as srv:
         yield srv
 
@@ -144,7 +165,11 @@ def test_malformed_requests_never_get_a_5xx(server, served_model):
     @settings(
         max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
     )
-    @given(st.one_of(predict_requests, batch_requests, oip_requests, bentoml_api_requests, other_requests))
+    @given(
+        st.one_of(
+            predict_requests, batch_requests, oip_requests, bentoml_api_requests, feedback_requests, other_requests
+        )
+    )
     def send(request):
         path, content_type, body, *extra_headers = request
         headers = {"content-type": content_type} if content_type else {}
@@ -152,7 +177,7 @@ def test_malformed_requests_never_get_a_5xx(server, served_model):
         response = session.post(server.url + path, data=body, headers=headers, timeout=30)
         statuses.append(response.status_code)
         assert response.status_code < 500, (path, content_type, body[:200], response.text)
-        ours = path.split("?")[0] in ("/predict", "/predict_batch") or path.startswith("/v2/")
+        ours = path.split("?")[0] in ("/predict", "/predict_batch", "/feedback") or path.startswith("/v2/")
         if 400 <= response.status_code < 500 and ours:
             assert response.json()["error"], response.text  # a message that names the problem
 
@@ -161,7 +186,9 @@ def test_malformed_requests_never_get_a_5xx(server, served_model):
     assert sum(400 <= s < 500 for s in statuses) > 0.9 * len(statuses)
     # still answers a good request correctly
     good = requests.post(f"{server.url}/predict", files={"image": ("x.png", png(served_model["x"][0, 0]))}, timeout=30)
-    assert good.status_code == 200 and good.json()["label"] == int(served_model["offline"]["int8"][0].argmax())
+    assert good.status_code == 200 and good.json()["label"] == int(
+        served_model["offline"]["int8"]["probabilities"][0].argmax()
+    )
 
 
 def test_malformed_http_gets_a_4xx_and_the_service_keeps_serving(server, served_model):

@@ -72,6 +72,8 @@ async function classify(blob, filename) {
   drawBars(result.probabilities, result.class_name);
   $("predicted-class").textContent = result.class_name;
   $("predicted-confidence").textContent = `(${(result.confidence * 100).toFixed(1)}%)`;
+  $("ood-score").textContent = result.ood_score.toFixed(1);
+  $("out-of-distribution").hidden = !result.out_of_distribution;
   $("result").hidden = false;
   $("status").textContent = `Classified ${filename}.`;
 }

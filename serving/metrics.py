@@ -1,0 +1,35 @@
+"""The service's own Prometheus metrics, beside BentoML's request metrics on /metrics. No label takes more values
+than the model has classes: never an id. Live accuracy is a PromQL ratio of the feedback counter
+(monitoring/alerts.yml)."""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+BATCH_SIZES = Histogram(
+    "serving_batch_size", "images per onnxruntime call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+)
+PREDICTIONS = Counter(
+    "serving_predictions",
+    "predictions answered, by class and by the out-of-distribution flag",
+    ["class_name", "out_of_distribution"],
+)
+CONFIDENCE = Histogram(
+    "serving_prediction_confidence",
+    "probability of the predicted class",
+    buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+)
+FEEDBACK = Counter("serving_feedback", "labels received for logged predictions, by outcome", ["outcome"])
+LOG_DROPPED = Counter("serving_prediction_log_dropped", "prediction log records dropped (queue full or disk failing)")
+
+
+def count_predictions(class_names: list[str], labels: np.ndarray, confidence: np.ndarray, flagged: np.ndarray) -> None:
+    """One batch's answers in the counters: a few calls per class, not one per image."""
+    for ood in (False, True):
+        chosen = labels[flagged == ood]
+        if len(chosen):
+            for label, count in zip(*np.unique(chosen, return_counts=True), strict=True):
+                PREDICTIONS.labels(class_names[label], str(ood).lower()).inc(int(count))
+    for value in confidence.tolist():
+        CONFIDENCE.observe(value)
