@@ -24,7 +24,14 @@ from training.config import CHAMPION_FILE, EXPORT_DIR, METRICS_DIR
 from training.selection import comparison_table
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "docs/pipeline.md", "docs/serving.md", "docs/results.md", "docs/testing.md")
+DOCUMENTS = (
+    "README.md",
+    "docs/pipeline.md",
+    "docs/serving.md",
+    "docs/monitoring.md",
+    "docs/results.md",
+    "docs/testing.md",
+)
 BENCHMARK_RESULTS = Path("benchmarks/results")
 BLOCK = re.compile(r"(<!-- begin: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.DOTALL)
 
@@ -58,6 +65,29 @@ def int8_summary(root: Path) -> str:
         f"against {gate['fp32_test_accuracy']:.2%} for the fp32 file, the same class on "
         f"{gate['int8_argmax_agreement']:.2%} of the test images."
     )
+
+
+def ood_summary(root: Path) -> str:
+    """The champion's out-of-distribution score as the export stage measured it, per served file."""
+    record = read_json(root / EXPORT_DIR / "export.json")
+    ood = record.get("ood")
+    if ood is None:
+        return _missing(EXPORT_DIR / "export.json", "make run")
+    contrast = ood["contrast_dataset"]
+    rows = [
+        f"Fitted on {ood['fit_images']:,} training images; threshold at {ood['false_positive_rate']:.0%} of the "
+        f"validation images; {record['dataset']} test images against {contrast or 'no contrast set'} test images.",
+        "",
+        f"| file | threshold | validation flagged | test flagged | {contrast} flagged | AUROC |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for precision in ("fp32", "int8"):
+        f = ood[precision]
+        rows.append(
+            f"| {precision} | {f['threshold']:.2f} | {f['validation_flagged']:.1%} | {f['test_flagged']:.1%} | "
+            f"{f.get('contrast_flagged', float('nan')):.1%} | {f.get('auroc', float('nan')):.4f} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def model_comparison(root: Path) -> str:
@@ -137,6 +167,7 @@ def benchmark(file: str, command: str, module: str) -> Callable[[Path], str]:
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "stages": stage_table,
+    "ood-score": ood_summary,
     "model-zoo": model_zoo,
     "serving-settings": serving_settings,
     "champion-summary": champion_summary,
@@ -144,6 +175,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "training-benchmark": benchmark("training.json", "make bench-train", "benchmarks.training"),
     "serving-benchmark": benchmark("serving.json", "make bench", "benchmarks.serving"),
     "serving-sweep": benchmark("serving_sweep.json", "make bench-sweep", "benchmarks.serving_sweep"),
+    "prediction-log": benchmark("prediction_log.json", "make bench", "benchmarks.prediction_log"),
     "phone-photos": benchmark("phone_photos.json", "make bench-photos", "benchmarks.phone_photos"),
     "header-flood": benchmark("header_flood.json", "make bench-headers", "benchmarks.header_flood"),
 }
