@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,16 +289,22 @@ def retain(root: Path, max_bytes: int, max_age_s: float) -> list[Path]:
     return deleted
 
 
-def read_predictions(root: Path, since: float | None = None, last: int | None = None) -> Iterator[dict]:
-    """Every logged prediction, oldest first, from `since` (a Unix time) or the `last` N of them."""
-    rows: list[dict] = []
-    for path in segments(root):
+def read_predictions(root: Path, since: float | None = None, last: int | None = None) -> list[dict]:
+    """Logged predictions, oldest first (a request's in the order it answered them): from `since` (a Unix time),
+    or the `last` N of them, or all."""
+    where = " WHERE time >= ?" if since is not None else ""
+    limit = f" ORDER BY time DESC, rowid DESC LIMIT {int(last)}" if last else ""
+    found: list[tuple[float, int, int, dict]] = []
+    for index, path in enumerate(segments(root)):
         with contextlib.closing(read_only(path)) as db:
             db.row_factory = sqlite3.Row
-            query = "SELECT * FROM predictions" + (" WHERE time >= ?" if since is not None else "")
-            rows += [dict(row) for row in db.execute(query, () if since is None else (since,))]
-    rows.sort(key=lambda row: row["time"])
-    yield from rows[-last:] if last else rows
+            query = f"SELECT rowid AS written, * FROM predictions{where}{limit}"
+            for row in db.execute(query, () if since is None else (since,)):
+                record = dict(row)
+                found.append((record["time"], index, record.pop("written"), record))
+    found.sort(key=lambda item: item[:3])
+    rows = [record for *_, record in found]
+    return rows[-last:] if last else rows
 
 
 def read_feedback(root: Path) -> dict[str, int]:
