@@ -32,7 +32,7 @@ def test_export_writes_onnx_to_mlflow_and_the_bentoml_store(pipeline):
     stored = Path(env["BENTOML_HOME"]) / "models" / name / version
     assert all((stored / name).is_file() for name in ("model.onnx", "model.int8.onnx", "reference.npz"))
     ood = record["ood"]
-    assert ood["contrast_dataset"] == "mnist" and record["parity"]["max_relative_ood_score_diff"] <= 1e-3
+    assert ood["contrast_dataset"] == "mnist" and record["parity"]["max_relative_ood_score_diff"] <= 1e-2
     for precision in ("fp32", "int8"):
         assert 0.5 < ood[precision]["auroc"] <= 1 and ood[precision]["validation_flagged"] <= 0.1
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
