@@ -1,25 +1,31 @@
 """The prediction log: one record per prediction, written off the request path, never slowing or failing one.
 
-Each worker process writes its own folder under the log's root (`<host>-<pid>-<start>`), never a file another
-process writes: SQLite segments of `predictions`, a new one past a size, and a `feedback.sqlite` for the labels
-POST /feedback stores. Records leave the event loop through a bounded queue and a writer thread stores them in
-batches; a full queue or a failing disk drops records, counted (`on_drop`) and warned about once. Retention,
-by size and by age over the whole root, deletes the oldest segments no writer is still appending to.
-Readers (the feedback route, `make monitor`) open every segment read-only: SQLite's write-ahead log lets them.
+Each worker process writes its own folder under the log's root (`<host>-<pid>-<token>`), never a file another
+process writes: SQLite segments, a new one past a size, and a `feedback.sqlite` for the labels POST /feedback
+stores. A prediction id is the worker's random token and a sequence number, so an id names the folder and,
+through each chunk's sequence range, the chunk that holds it: no index to write. Records leave the event loop
+through a bounded queue; a writer thread stores what gathered every fraction of a second as one chunk, the
+records' fields as columns (an .npz): a row per prediction in SQLite cost as much CPU as a tenth of a request.
+A full queue or a failing disk drops records, counted (`on_drop`) and warned about once. Retention, by size
+and by age over the whole root, deletes the oldest segments no writer is still appending to. Readers (the
+feedback route, `make monitor`) open every segment read-only: SQLite's write-ahead log lets them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import itertools
+import json
 import logging
 import os
 import queue
+import secrets
 import socket
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +39,27 @@ SEGMENTS_PER_LOG = 16  # a segment is at most this share of the size limit, so r
 FLUSH_S = 0.2  # how long records gather between two writes: one transaction per flush, not one per request
 RETAIN_EVERY_S = 600  # retention also runs this often, so a quiet log ages out too
 LOOKUP_S = 1.0  # how long a lookup waits for a record still in some worker's queue
-PREDICTIONS = f"""CREATE TABLE IF NOT EXISTS predictions (
-    id TEXT PRIMARY KEY, time REAL NOT NULL, route TEXT, model_tag TEXT, precision TEXT, input_sha256 TEXT,
-    {", ".join(f"{name} REAL" for name in STATISTICS)},
-    label INTEGER, class_name TEXT, confidence REAL, probabilities BLOB, embedding BLOB, ood_score REAL,
-    out_of_distribution INTEGER, latency_ms REAL, model_input BLOB);"""
+PREDICTIONS = """CREATE TABLE IF NOT EXISTS chunks (
+    chunk INTEGER PRIMARY KEY, first_sequence INTEGER, last_sequence INTEGER, first_time REAL, last_time REAL,
+    model_tag TEXT, precision TEXT, class_names TEXT, records INTEGER, data BLOB);"""
 FEEDBACK = """CREATE TABLE IF NOT EXISTS feedback (
     prediction_id TEXT NOT NULL, label INTEGER NOT NULL, time REAL NOT NULL, predicted_label INTEGER);"""
 
 
-def new_ids(count: int) -> list[str]:
-    return [uuid.uuid4().hex for _ in range(count)]
+class PredictionIds:
+    """A worker's prediction ids: 32 hex digits, its random 64-bit token then a 64-bit sequence number."""
+
+    def __init__(self) -> None:
+        self.token = secrets.token_hex(8)
+        self.sequence = itertools.count()
+
+    def take(self, count: int) -> list[str]:
+        return [f"{self.token}{n:016x}" for n in itertools.islice(self.sequence, count)]
+
+
+def parse_id(prediction_id: str) -> tuple[str, int]:
+    """An id's worker token and sequence number."""
+    return prediction_id[:16], int(prediction_id[16:], 16)
 
 
 @dataclass
@@ -72,6 +88,7 @@ class PredictionLog:
     def __init__(
         self,
         root: Path,
+        token: str,
         model_tag: str,
         precision: str,
         class_names: list[str],
@@ -83,9 +100,10 @@ class PredictionLog:
         on_drop: Callable[[int], None],
     ):
         self.root = root
-        self.folder = root / f"{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%dT%H%M%S')}"
+        self.folder = root / f"{socket.gethostname()}-{os.getpid()}-{token}"
         self.model_tag, self.precision, self.class_names = model_tag, precision, class_names
         self.threshold, self.keep_inputs = threshold, keep_inputs
+        self.class_json = json.dumps(class_names)
         self.max_bytes, self.max_age_s = max_bytes, max_age_s
         self.segment_bytes = max(1 << 20, max_bytes // SEGMENTS_PER_LOG)
         self.on_drop = on_drop
@@ -167,40 +185,42 @@ class PredictionLog:
             self.connection = None
 
     def _write(self, pending: list[Pending]) -> None:
+        counts = [len(p.ids) for p in pending]
         inputs = np.concatenate([p.inputs for p in pending])
-        probabilities = np.concatenate([p.outputs.probabilities for p in pending]).astype(np.float32)
-        embeddings = np.concatenate([p.outputs.embedding for p in pending]).astype(np.float32)
-        scores = np.concatenate([p.outputs.ood_score for p in pending]).astype(float).tolist()
-        statistics = input_statistics(inputs).tolist()
-        labels = probabilities.argmax(1).tolist()
-        confidence = probabilities.max(1).tolist()
-        requests = [(p.ids[j], p.time, p.route, p.latency_ms) for p in pending for j in range(len(p.ids))]
-        rows = []
-        for i, (prediction_id, when, route, latency_ms) in enumerate(requests):
-            pixels = inputs[i].tobytes()
-            rows.append(
-                (
-                    prediction_id,
-                    when,
-                    route,
-                    self.model_tag,
-                    self.precision,
-                    hashlib.sha256(pixels).hexdigest(),
-                    *statistics[i],
-                    labels[i],
-                    self.class_names[labels[i]],
-                    confidence[i],
-                    probabilities[i].tobytes(),
-                    embeddings[i].tobytes(),
-                    scores[i],
-                    int(scores[i] > self.threshold),
-                    latency_ms,
-                    pixels if self.keep_inputs else None,
-                )
-            )
+        columns = {
+            "id": np.array([i for p in pending for i in p.ids]),
+            "time": np.repeat([p.time for p in pending], counts),
+            "route": np.repeat([p.route for p in pending], counts),
+            "latency_ms": np.repeat([p.latency_ms for p in pending], counts).astype(np.float32),
+            "input_sha256": np.array([hashlib.sha256(image).hexdigest() for image in inputs]),
+            "statistics": input_statistics(inputs),
+            "probabilities": np.concatenate([p.outputs.probabilities for p in pending]).astype(np.float32),
+            "ood_score": np.concatenate([p.outputs.ood_score for p in pending]).astype(np.float32),
+            "embedding": np.concatenate([p.outputs.embedding for p in pending]).astype(np.float32),
+        }
+        columns["out_of_distribution"] = columns["ood_score"] > self.threshold
+        if self.keep_inputs:
+            columns["model_input"] = inputs
+        buffer = io.BytesIO()
+        np.savez(buffer, allow_pickle=False, **columns)
+        sequences = [parse_id(i)[1] for p in pending for i in (p.ids[0], p.ids[-1])]
         connection = self._segment()
         with connection:
-            connection.executemany(f"INSERT INTO predictions VALUES ({', '.join('?' * len(rows[0]))})", rows)
+            connection.execute(
+                "INSERT INTO chunks (first_sequence, last_sequence, first_time, last_time, model_tag, precision, "
+                "class_names, records, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    min(sequences),
+                    max(sequences),
+                    pending[0].time,
+                    pending[-1].time,
+                    self.model_tag,
+                    self.precision,
+                    self.class_json,
+                    sum(counts),
+                    buffer.getvalue(),
+                ),
+            )
         if self.segment_path.stat().st_size + wal_size(self.segment_path) > self.segment_bytes:
             self._close_segment()
             retain(self.root, self.max_bytes, self.max_age_s)
@@ -241,16 +261,56 @@ def read_only(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
 
 
+def records(chunk: sqlite3.Row, positions: slice | list[int] | None = None) -> list[dict]:
+    """A chunk's records (or those at `positions`), one dict each: the log's fields, blobs as bytes."""
+    with np.load(io.BytesIO(chunk["data"]), allow_pickle=False) as data:
+        columns = {name: data[name] for name in data.files}
+    chosen = slice(None) if positions is None else positions
+    picked = {name: values[chosen] for name, values in columns.items()}
+    class_names = json.loads(chunk["class_names"])
+    probabilities = picked["probabilities"]
+    labels = probabilities.argmax(1)
+    found = []
+    for n in range(len(labels)):
+        record = {
+            "id": str(picked["id"][n]),
+            "time": float(picked["time"][n]),
+            "route": str(picked["route"][n]),
+            "model_tag": chunk["model_tag"],
+            "precision": chunk["precision"],
+            "input_sha256": str(picked["input_sha256"][n]),
+            **dict(zip(STATISTICS, picked["statistics"][n].tolist(), strict=True)),
+            "label": int(labels[n]),
+            "class_name": class_names[labels[n]],
+            "confidence": float(probabilities[n, labels[n]]),
+            "probabilities": probabilities[n].tobytes(),
+            "embedding": picked["embedding"][n].tobytes(),
+            "ood_score": float(picked["ood_score"][n]),
+            "out_of_distribution": bool(picked["out_of_distribution"][n]),
+            "latency_ms": float(picked["latency_ms"][n]),
+            "model_input": picked["model_input"][n].tobytes() if "model_input" in picked else None,
+        }
+        found.append(record)
+    return found
+
+
 def find_prediction(root: Path, prediction_id: str) -> dict | None:
-    for path in reversed(segments(root)):  # the newest first: feedback is mostly on recent predictions
+    """The logged prediction `prediction_id` (a valid id), from the folder its token names."""
+    token, sequence = parse_id(prediction_id)
+    for path in sorted(root.glob(f"*-{token}/predictions-*.sqlite"), reverse=True):  # recent ones are asked most
         try:
             with contextlib.closing(read_only(path)) as db:
                 db.row_factory = sqlite3.Row
-                row = db.execute("SELECT * FROM predictions WHERE id = ?", (prediction_id,)).fetchone()
+                chunks = db.execute(
+                    "SELECT * FROM chunks WHERE first_sequence <= ? AND last_sequence >= ?", (sequence, sequence)
+                ).fetchall()
         except sqlite3.Error:  # a segment being created or deleted right now
             continue
-        if row is not None:
-            return dict(row)
+        for chunk in chunks:
+            with np.load(io.BytesIO(chunk["data"]), allow_pickle=False) as data:
+                positions = np.flatnonzero(data["id"] == prediction_id).tolist()
+            if positions:
+                return records(chunk, positions)[0]
     return None
 
 
@@ -293,21 +353,26 @@ def retain(root: Path, max_bytes: int, max_age_s: float) -> list[Path]:
 def read_predictions(root: Path, since: float | None = None, last: int | None = None) -> list[dict]:
     """Logged predictions, oldest first (a request's in the order it answered them): from `since` (a Unix time),
     or the `last` N of them, or all."""
-    where = " WHERE time >= ?" if since is not None else ""
-    limit = f" ORDER BY time DESC, rowid DESC LIMIT {int(last)}" if last else ""
-    found: list[tuple[float, int, int, dict]] = []
-    for index, path in enumerate(segments(root)):
+    chunks: list[sqlite3.Row] = []
+    for path in segments(root):
         try:
             with contextlib.closing(read_only(path)) as db:
                 db.row_factory = sqlite3.Row
-                query = f"SELECT rowid AS written, * FROM predictions{where}{limit}"
-                records = [dict(row) for row in db.execute(query, () if since is None else (since,))]
+                query = "SELECT * FROM chunks" + (" WHERE last_time >= ?" if since is not None else "")
+                chunks += db.execute(query, () if since is None else (since,)).fetchall()
         except sqlite3.DatabaseError as exc:  # a segment a power cut damaged, or one being created
             log.warning("prediction log: skipping %s (%s)", path, exc)
-            continue
-        found += [(record["time"], index, record.pop("written"), record) for record in records]
-    found.sort(key=lambda item: item[:3])
-    rows = [record for *_, record in found]
+    chunks.sort(key=lambda chunk: chunk["first_time"])
+    if last:  # only the newest chunks that hold the last N
+        kept, count = [], 0
+        for chunk in reversed(chunks):
+            if count >= last:
+                break
+            kept.append(chunk)
+            count += chunk["records"]
+        chunks = kept[::-1]
+    rows = [record for chunk in chunks for record in records(chunk) if since is None or record["time"] >= since]
+    rows.sort(key=lambda record: record["time"])  # stable: a request's records keep their order
     return rows[-last:] if last else rows
 
 

@@ -32,7 +32,7 @@ from serving.limits import ApiRequestGuard, HeaderLimit
 from serving.metrics import BATCH_SIZES, LOG_DROPPED, count_predictions
 from serving.model_source import ModelMissingError, ensure_model
 from serving.model_store import MODEL_FILES
-from serving.prediction_log import Outputs, Pending, PredictionLog, new_ids
+from serving.prediction_log import Outputs, Pending, PredictionIds, PredictionLog
 from serving.preprocess import ImageError, open_image, to_model_input
 from serving.routes import PREDICTION_ROUTES, build_api
 from serving.runtime import OnnxClassifier, ProviderError, choose_precision, require_cuda
@@ -82,9 +82,11 @@ class Classifier:
         self.upload_fit = int(self.metadata["upload_fit"])
         self.model.warm_up(SETTINGS.max_batch_size, SETTINGS.max_batch_images)
         self.batcher = MicroBatcher(self.model.outputs, SETTINGS.max_batch_size, on_batch=BATCH_SIZES.observe)
+        self.ids = PredictionIds()
         self.log = (
             PredictionLog(
                 SETTINGS.prediction_log_dir,
+                self.ids.token,
                 str(self.bento_model.tag),
                 self.model.precision,
                 self.class_names,
@@ -153,7 +155,7 @@ class Classifier:
         probabilities, scores = columns.probabilities(rows), columns.ood_score(rows)
         flagged = scores > self.model.ood_threshold
         count_predictions(self.class_names, probabilities.argmax(1), probabilities.max(1), flagged)
-        ids = new_ids(len(rows))
+        ids = self.ids.take(len(rows))
         if self.log is not None:
             outputs = Outputs(probabilities, scores, columns.embedding(rows))
             latency_ms = (time.perf_counter() - started) * 1000

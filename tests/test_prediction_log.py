@@ -11,9 +11,9 @@ import pytest
 from serving.prediction_log import (
     Outputs,
     Pending,
+    PredictionIds,
     PredictionLog,
     find_prediction,
-    new_ids,
     read_feedback,
     read_predictions,
     retain,
@@ -21,20 +21,21 @@ from serving.prediction_log import (
 )
 
 CLASSES = [f"class {i}" for i in range(10)]
+IDS = PredictionIds()
 
 
-def pending(count: int, seed: int = 0, route: str = "/predict") -> Pending:
+def pending(count: int, seed: int = 0, route: str = "/predict", ids: PredictionIds = IDS) -> Pending:
     rng = np.random.default_rng(seed)
     probabilities = rng.dirichlet(np.ones(10), count).astype(np.float32)
     outputs = Outputs(probabilities, rng.normal(0, 10, count).astype(np.float32), rng.normal(0, 1, (count, 16)))
     inputs = rng.integers(0, 256, (count, 1, 28, 28), dtype=np.uint8)
-    return Pending(new_ids(count), time.time(), route, 3.5, inputs, outputs)
+    return Pending(ids.take(count), time.time(), route, 3.5, inputs, outputs)
 
 
-def open_log(root, drops: list, **changes) -> PredictionLog:
+def open_log(root, drops: list, ids: PredictionIds = IDS, **changes) -> PredictionLog:
     options = dict(keep_inputs=True, queue_requests=100, max_bytes=64 << 20, max_age_s=3600.0)
     options.update(changes)
-    return PredictionLog(root, "model:v1", "int8", CLASSES, 5.0, on_drop=drops.append, **options)  # type: ignore[arg-type]
+    return PredictionLog(root, ids.token, "model:v1", "int8", CLASSES, 5.0, on_drop=drops.append, **options)  # type: ignore[arg-type]
 
 
 def test_every_record_holds_what_the_service_answered_and_the_input(tmp_path):
@@ -58,8 +59,25 @@ def test_every_record_holds_what_the_service_answered_and_the_input(tmp_path):
     assert row["out_of_distribution"] == int(batch.outputs.ood_score[7] > 5.0)
     assert (row["model_tag"], row["precision"], row["latency_ms"]) == ("model:v1", "int8", 3.5)
     assert row["mean_intensity"] == pytest.approx(batch.inputs[7].mean() / 255, rel=1e-5)
-    assert [p.parent for p in segments(tmp_path)] == [log.folder]  # this process's own folder
-    assert find_prediction(tmp_path, batch.ids[3])["id"] == batch.ids[3] and find_prediction(tmp_path, "0" * 32) is None
+    assert [p.parent for p in segments(tmp_path)] == [log.folder] and log.folder.name.endswith(IDS.token)
+
+
+def test_an_id_finds_its_record_among_every_workers_log(tmp_path):
+    workers = [PredictionIds() for _ in range(3)]
+    logs = [open_log(tmp_path, [], ids) for ids in workers]
+    batches = [[pending(4, 10 * w + i, ids=ids) for i in range(5)] for w, ids in enumerate(workers)]
+    for log, requests in zip(logs, batches, strict=True):
+        for request in requests:
+            log.record(request)
+            time.sleep(0.05)  # several chunks per worker
+        log.close()
+    for requests in batches:
+        for request in (requests[0], requests[-1]):
+            found = find_prediction(tmp_path, request.ids[2])
+            assert found is not None and found["id"] == request.ids[2]
+            assert found["model_input"] == request.inputs[2].tobytes()
+    never_taken = workers[0].token + f"{10**6:016x}"
+    assert find_prediction(tmp_path, never_taken) is None and find_prediction(tmp_path, "0" * 32) is None
 
 
 def test_inputs_are_left_out_when_asked(tmp_path):
@@ -107,7 +125,7 @@ def test_retention_deletes_the_oldest_closed_segments_but_never_one_being_writte
     # a segment older than any age limit is kept while its writer (this process) may append to it; a dead
     # writer's goes
     for pid in (os.getpid(), 999999999):
-        folder = tmp_path / f"{os.uname().nodename}-{pid}-19700101T000000"
+        folder = tmp_path / f"{os.uname().nodename}-{pid}-{PredictionIds().token}"
         folder.mkdir()
         sqlite3.connect(folder / "predictions-19700101T000000-1.sqlite").close()
         os.utime(folder / "predictions-19700101T000000-1.sqlite", (0, 0))
