@@ -50,6 +50,10 @@ class SmallNet:
         return self.data.labels("test")
 
 
+# training images of the small net: with 6,000 its embedding flagged half the MNIST digits or fewer, with 12,000 most
+SMALL_TRAIN = 12_000
+
+
 def small_net() -> SmallNet:
     raw = require_shared_datasets() / "fashion-mnist"
     x, y = load_idx_pair(raw / TRAIN_IMAGES, raw / TRAIN_LABELS, 10)
@@ -59,15 +63,15 @@ def small_net() -> SmallNet:
     x, y = x.copy(), y.copy()  # writable, as torch wants
     train(
         net,
-        torch.from_numpy(x[:6000]),
-        torch.from_numpy(y[:6000]),
-        torch.from_numpy(x[6000:7000]),
-        torch.from_numpy(y[6000:7000]),
+        torch.from_numpy(x[:SMALL_TRAIN]),
+        torch.from_numpy(y[:SMALL_TRAIN]),
+        torch.from_numpy(x[SMALL_TRAIN : SMALL_TRAIN + 1000]),
+        torch.from_numpy(y[SMALL_TRAIN : SMALL_TRAIN + 1000]),
         TrainConfig.model_validate(
             {**load_params(REPO / "params.yaml")["train"], "epochs": 2, "verbose": 0, "lr": 2e-3}
         ),
     )
-    splits = {"train": slice(0, 6000), "val": slice(6000, 7000)}
+    splits = {"train": slice(0, SMALL_TRAIN), "val": slice(SMALL_TRAIN, SMALL_TRAIN + 1000)}
     arrays = {f"{kind}_{split}": a[part] for split, part in splits.items() for kind, a in (("x", x), ("y", y))}
     data = Prepared({**arrays, "x_test": x_test, "y_test": y_test})
     return SmallNet(TestTimeAugmented(net.eval(), TtaSettings(flip=False, shift=0)).eval(), data)
