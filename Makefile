@@ -34,7 +34,7 @@ MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: setup requirements test-tools run run-full push pull lint test test-fast ui mlflow-server serve monitor doctor bench \
+.PHONY: setup requirements test-tools run run-full push pull lint test test-fast ui mlflow-server serve monitor feedback-data retrain rollback doctor bench \
 	bench-sweep bench-train bench-photos bench-headers docs clean
 
 setup: $(VENV)/.installed
@@ -104,6 +104,20 @@ serve: setup
 # A drift and quality report on the served traffic: the last 24 h, `SINCE=<ISO time>` or `LAST=<N>` predictions.
 monitor: setup
 	DO_NOT_TRACK=1 $(BIN)/python -m monitoring.report $(if $(SINCE),--since $(SINCE)) $(if $(LAST),--last $(LAST))
+
+# The labelled predictions of the prediction log as images, data/extra/feedback/<class>/<sha256>.png (DVC-tracked).
+feedback-data: setup
+	$(BIN)/python -m pipelines.feedback_data $(if $(LOG_DIR),--log-dir $(LOG_DIR))
+	$(BIN)/dvc add --quiet data/extra/feedback
+
+# Feedback data, then the pipeline with it (params.yaml's data.extra lists data/extra/feedback): the gate promotes
+# the new model only if it is not worse than the served champion.
+retrain: feedback-data
+	$(BIN)/dvc repro
+
+# The registry's champion back to the previous version, restored into the BentoML store for `make serve`.
+rollback: setup
+	$(BIN)/python -m pipelines.rollback
 
 # What this machine offers the served model: torch and CUDA, onnxruntime's providers, what SERVING_DEVICE and
 # SERVING_PRECISION resolve to, and a 3-second throughput probe per usable provider and precision.

@@ -55,6 +55,12 @@ class ChildServer:
         self.close()
         raise RuntimeError(f"not ready within {timeout}s:\n{self.log_path.read_text()[-5000:]}")
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()

@@ -22,8 +22,7 @@ from pydantic import BaseModel, Field
 from benchmarks.local_server import REPO
 from serving.files import read_json
 from serving.model_store import read_metadata
-from serving.preprocess import image_to_input
-from serving.settings import MAX_IMAGE_PIXELS
+from serving.preprocess import MAX_IMAGE_PIXELS, image_to_input
 
 ONNX_PATH = Path(os.environ.get("PEER_MODEL", REPO / "export" / "model.onnx"))
 BACKEND = os.environ.get("PEER_BACKEND", "onnx")

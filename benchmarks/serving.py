@@ -37,9 +37,8 @@ from benchmarks.publish import publish
 from serving.files import read_json
 from serving.inputs import parse_batch
 from serving.model_store import EXPORT_RECORD, read_metadata
-from serving.preprocess import image_to_input
+from serving.preprocess import MAX_IMAGE_PIXELS, image_to_input
 from serving.runtime import OnnxClassifier
-from serving.settings import MAX_IMAGE_PIXELS
 from training.progress import progress
 
 EXPORT = REPO / "export" / "model.onnx"

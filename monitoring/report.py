@@ -5,7 +5,8 @@ reference the export stage stored with the served model (the validation images a
 embedding drift (Evidently's EmbeddingsDrift, a domain classifier on 20 principal components: its ROC AUC is
 the drift score, 0.5 for traffic like the reference), input-statistics drift, prediction drift (the class
 distribution and the confidence), the out-of-distribution share, and live accuracy per class with a 95%
-Wilson interval where feedback labelled predictions of the window. Writes reports/monitoring/latest.html and
+Wilson interval where feedback labelled predictions of the window; and whether to retrain (params.yaml's
+`monitor` group). Writes reports/monitoring/latest.html and
 latest.json, and a copy of each named after the window; logs the figures and both files to MLflow (the
 experiment `<dataset>-monitoring`).
 
@@ -35,10 +36,11 @@ from evidently.metrics.embeddings import ModelDriftMethod
 from statsmodels.stats.proportion import proportion_confint
 
 from serving.model_store import REFERENCE_FILE
-from serving.prediction_log import read_feedback, read_predictions
+from serving.prediction_log import read_feedback, read_labels, read_predictions
 from serving.settings import ServingSettings
 from serving.statistics import STATISTICS
 from training import tracking
+from training.config import MonitorSettings, Params
 
 REPORTS = Path("reports/monitoring")
 EMBEDDING_DRIFT = ModelDriftMethod(pca_components=20)  # drift when the classifier's ROC AUC passes 0.55
@@ -58,15 +60,30 @@ def iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
 
 
-def served_model(rows: list[dict]) -> tuple[str, str, dict[str, np.ndarray], dict]:
-    """The model that answered most of the window: tag, precision, its reference arrays and its metadata."""
+def served_model(rows: list[dict]) -> tuple[str, str, dict[str, np.ndarray], dict, float]:
+    """The model that answered most of the window: tag, precision, its reference arrays, its metadata and when
+    it was saved (a Unix time)."""
     (tag, precision), _ = Counter((r["model_tag"], r["precision"]) for r in rows).most_common(1)[0]
     try:
         stored = bentoml.models.get(tag)
     except NotFound:
         raise MonitoringError(f"BentoML model {tag}, which served this traffic, is not in the local store") from None
     with np.load(stored.path_of(REFERENCE_FILE)) as reference:
-        return tag, precision, dict(reference), dict(stored.info.metadata)
+        return tag, precision, dict(reference), dict(stored.info.metadata), stored.info.creation_time.timestamp()
+
+
+def retrain_advice(drift: bool, accuracy: float | None, new_labels: int, settings: MonitorSettings) -> tuple[bool, str]:
+    """Whether to retrain, and why, in one line: drift or live accuracy under the threshold, once enough labels
+    arrived since the served model was trained to learn from."""
+    low = accuracy is not None and accuracy < settings.min_live_accuracy
+    causes = (["drift detected"] if drift else []) + (
+        [f"live accuracy {accuracy:.2%} under {settings.min_live_accuracy:.2%}"] if low else []
+    )
+    if not causes:
+        return False, "no drift, and live accuracy " + ("unknown (no feedback)" if accuracy is None else "fine")
+    if new_labels < settings.min_new_labels:
+        return False, f"{' and '.join(causes)}, but only {new_labels} new labels (at least {settings.min_new_labels})"
+    return True, f"{' and '.join(causes)}, with {new_labels} new labels since the model was trained: `make retrain`"
 
 
 def frames(rows: list[dict], reference: dict[str, np.ndarray], precision: str, class_names: list[str]):
@@ -146,18 +163,20 @@ def live_accuracy(rows: list[dict], feedback: dict[str, int], class_names: list[
     return {**figures(labelled), "per_class": per_class}
 
 
-def build(log_dir: Path, since: float | None, last: int | None) -> tuple[dict, Report]:
+def build(log_dir: Path, since: float | None, last: int | None, settings: MonitorSettings) -> tuple[dict, Report]:
     rows = list(read_predictions(log_dir, since=None if last else since, last=last))
     if not rows:
         window = f"the last {last} predictions" if last else f"since {iso(since or 0)}"
         raise MonitoringError(f"no predictions in the log at {log_dir} ({window}): serve the model and send some")
-    tag, precision, reference, metadata = served_model(rows)
+    tag, precision, reference, metadata, saved = served_model(rows)
     rows = [r for r in rows if r["model_tag"] == tag]
     class_names = metadata["class_names"]
     current, past = frames(rows, reference, precision, class_names)
     snapshot, checks = drift_checks(current, past, reference[f"{precision}_embedding"].shape[1])
     accuracy = live_accuracy(rows, read_feedback(log_dir), class_names)
     embedding = checks["embedding_drift"]
+    new_labels = sum(time > saved for time, _, _ in read_labels(log_dir))
+    retrain, reason = retrain_advice(embedding["drift_detected"], accuracy["accuracy"], new_labels, settings)
     summary = {
         "drift_detected": embedding["drift_detected"],
         "drift_score": embedding["score"],
@@ -165,6 +184,9 @@ def build(log_dir: Path, since: float | None, last: int | None) -> tuple[dict, R
         "feedback": accuracy["labelled"],
         "live_accuracy": accuracy["accuracy"],
         "ood_share": float(np.mean([r["out_of_distribution"] for r in rows])),
+        "retrain_recommended": retrain,
+        "retrain_reason": reason,
+        "new_labels": new_labels,
         "window": {"from": iso(rows[0]["time"]), "to": iso(rows[-1]["time"]), "last": last},
         "model": {"bentoml_tag": tag, "precision": precision, "dataset": metadata["dataset"]},
         "reference": {"images": len(reference["input_statistics"]), "split": "validation"},
@@ -193,6 +215,7 @@ def log_to_mlflow(summary: dict, files: list[Path]) -> None:
         mlflow.set_tags({"bentoml_tag": summary["model"]["bentoml_tag"], "precision": summary["model"]["precision"]})
         figures = {k: summary[k] for k in ("drift_score", "predictions", "feedback", "ood_share", "live_accuracy")}
         figures["drift_detected"] = int(summary["drift_detected"])
+        figures["retrain_recommended"] = int(summary["retrain_recommended"])
         for group in ("input_statistics", "predictions"):
             figures |= {f"{group}.{k}": v["score"] for k, v in summary["checks"][group].items()}
         mlflow.log_metrics({k: float(v) for k, v in figures.items() if v is not None})
@@ -210,7 +233,7 @@ def main() -> None:
     log_dir = args.log_dir or ServingSettings.from_env().prediction_log_dir
     since = parse_time(args.since) if args.since else time.time() - 86400
     try:
-        summary, snapshot = build(log_dir, since, args.last)
+        summary, snapshot = build(log_dir, since, args.last, Params.load().monitor)
     except MonitoringError as exc:
         sys.exit(f"monitor: {exc}")
     files = publish(summary, snapshot, args.out)
@@ -220,7 +243,7 @@ def main() -> None:
         f"{'detected' if summary['drift_detected'] else 'not detected'} (score {summary['drift_score']:.3f}), "
         f"out of distribution {summary['ood_share']:.1%}, live accuracy "
         + ("n/a (no feedback)" if summary["live_accuracy"] is None else f"{summary['live_accuracy']:.2%}")
-        + f" on {summary['feedback']} labels; {files[0]}, {files[1]}"
+        + f" on {summary['feedback']} labels; retrain: {summary['retrain_reason']}; {files[0]}, {files[1]}"
     )
 
 

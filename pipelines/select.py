@@ -1,5 +1,5 @@
-"""select stage: the champion by **validation** accuracy (ties: fewer parameters), never test accuracy;
-registered in the MLflow Model Registry with alias `champion`; the pipeline report, logged to its run."""
+"""select stage: the challenger by **validation** accuracy (ties: fewer parameters), never test accuracy, for
+the export and gate stages to weigh against the served champion; the pipeline report, logged to its run."""
 
 import logging
 
@@ -7,7 +7,7 @@ from pipelines._stage import run
 from serving.files import read_json, write_json
 from training import tracking
 from training.config import (
-    CHAMPION_FILE,
+    CHALLENGER_FILE,
     CURVES_DIR,
     EVALUATION_DIR,
     METRICS_DIR,
@@ -17,7 +17,7 @@ from training.config import (
     summary_path,
 )
 from training.report import read_curve, write_report
-from training.selection import champion_record, choose_champion, comparison_table
+from training.selection import challenger_record, choose_champion, comparison_table
 
 log = logging.getLogger("select")
 
@@ -38,21 +38,14 @@ def main() -> None:
     )
 
     tracking.setup(params.experiment_name)
-    version = tracking.register_champion(
-        champion, params.registered_model_name, params.mlflow.alias, REPORT_FILE, REPORT_FIGURES_DIR
-    )
-    record = champion_record(
-        champion, params.data.spec.name, params.registered_model_name, version, params.mlflow.alias
-    )
-    write_json(record, CHAMPION_FILE)
+    tracking.log_report(champion["run_id"], REPORT_FILE, REPORT_FIGURES_DIR)
+    record = challenger_record(champion, params.data.spec.name)
+    write_json(record, CHALLENGER_FILE)
     log.info(
-        "champion: %s (val_acc %.4f, test_acc %.4f), %s version %s alias %r; report: %s\n%s",
+        "challenger: %s (val_acc %.4f, test_acc %.4f); report: %s\n%s",
         record["model"],
         record["val_accuracy"],
         record["test_accuracy"],
-        record["registered_model"],
-        version,
-        record["alias"],
         REPORT_FILE,
         comparison_table(rows, record["model"]),
     )

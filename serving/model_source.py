@@ -1,33 +1,70 @@
-"""Where the served model comes from: the local BentoML store, or the export stage's files where a clone
-pulled them from the team's DVC remote (`make pull`) instead of training."""
+"""Where the served model comes from: the local BentoML store; else the export stage's files where a clone
+pulled them from the team's DVC remote (`make pull`) and they are the champion; else the MLflow Model
+Registry, which holds every served version."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import bentoml
 from bentoml.exceptions import NotFound
 
-from serving.model_store import EXPORT_RECORD, MODEL_FILES, STORED_FILES, save_onnx
+from serving.model_store import EXPORT_RECORD, SERVED_RECORD, STORED_FILES, save_onnx
 
 
 class ModelMissingError(RuntimeError):
     """Nothing trained to serve here; the message names the ways out."""
 
 
+def restore_model(tag: str, files: dict[str, Path], source: str = "registry") -> None:
+    """Save `files` ({role: path}) into the local store under that very `tag`, unless it holds it already."""
+    try:
+        bentoml.models.get(tag)
+    except NotFound:
+        save_onnx(files, tag, {"source": source})
+
+
 def ensure_model(tag: str) -> None:
-    """BentoML model `tag` in the local store. Where it is missing but the export stage's files are here (a
-    clone that pulled them), they are saved into the store under that very tag, the one export/export.json
-    records, so that serving, `bentoml build` and the record agree."""
+    """BentoML model `tag` in the local store: restored, under that very tag, from export/ where the export
+    stage's record names it (a clone that pulled it), else from the registry version champion.json names."""
     try:
         bentoml.models.get(tag)
         return
     except NotFound:
         pass
-    export_dir = EXPORT_RECORD.parent
-    files = {role: export_dir / name for role, (name, _) in STORED_FILES.items() if (export_dir / name).is_file()}
-    if "fp32" not in files or tag.endswith(":latest"):
+    if tag.endswith(":latest"):
         raise ModelMissingError(
-            f"no trained model to serve: BentoML model {tag} is not in the local store and "
-            f"{export_dir.name}/{MODEL_FILES['fp32'][0]} is missing; train one with `make run`, "
+            f"no trained model to serve: BentoML model {tag} is not in the local store; train one with `make run`, "
             "or fetch the team's from the DVC remote with `make pull`"
         )
-    save_onnx(files, tag, {"source": "dvc pull"})
+    export_dir = EXPORT_RECORD.parent
+    files = {role: export_dir / name for role, (name, _) in STORED_FILES.items() if (export_dir / name).is_file()}
+    if "fp32" in files and record(EXPORT_RECORD).get("bentoml_tag") == tag:
+        restore_model(tag, files, "dvc pull")
+        return
+    served = record(SERVED_RECORD)
+    if served.get("bentoml_tag") != tag:
+        raise ModelMissingError(
+            f"no trained model to serve: BentoML model {tag} is not in the local store, nor in "
+            f"{export_dir.name}/ or the registry; train one with `make run`, or fetch the team's with `make pull`"
+        )
+    try:  # the workspace's pipeline: never inside a built bento
+        import mlflow
+
+        from training import registry, tracking
+    except ImportError as exc:
+        raise ModelMissingError(f"BentoML model {tag} is not in the local store ({exc})") from None
+    import tempfile
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    version = registry.Version(served["version"], served["run_id"], {"bentoml_tag": tag})
+    with tempfile.TemporaryDirectory() as folder:
+        restore_model(tag, registry.download(served["registered_model"], version, Path(folder)))
+
+
+def record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

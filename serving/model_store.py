@@ -17,14 +17,16 @@ REFERENCE_FILE = "reference.npz"  # what monitoring compares served traffic with
 # each file the BentoML model holds, by precision, and the metadata key of its checksum
 MODEL_FILES = {"fp32": (ONNX_FILE, "onnx_sha256"), "int8": (INT8_FILE, "int8_sha256")}
 STORED_FILES = {**MODEL_FILES, "reference": (REFERENCE_FILE, "reference_sha256")}
-EXPORT_RECORD = Path(__file__).resolve().parents[1] / "export" / "export.json"
+WORKSPACE = Path(__file__).resolve().parents[1]
+EXPORT_RECORD = WORKSPACE / "export" / "export.json"  # the export stage's last model (the challenger)
+SERVED_RECORD = WORKSPACE / "champion.json"  # the model the gate stage (or `make rollback`) decided to serve
 
 
 def default_model_tag(fallback: str = "fashion-mnist-classifier:latest") -> str:
-    """The model the workspace's export stage saved (export/export.json), so serving and `bentoml build`
-    use exactly that one, not whatever an experiment saved last; `fallback` inside a built bento."""
+    """The workspace's champion (champion.json), so serving and `bentoml build` use exactly the model the
+    registry's champion alias names, not whatever an experiment saved last; `fallback` inside a built bento."""
     try:
-        return json.loads(EXPORT_RECORD.read_text())["bentoml_tag"]
+        return json.loads(SERVED_RECORD.read_text())["bentoml_tag"]
     except (OSError, ValueError, KeyError):
         return fallback
 

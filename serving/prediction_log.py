@@ -376,10 +376,15 @@ def read_predictions(root: Path, since: float | None = None, last: int | None = 
     return rows[-last:] if last else rows
 
 
-def read_feedback(root: Path) -> dict[str, int]:
-    """The latest label sent for each prediction, from every worker's feedback file."""
+def read_labels(root: Path) -> list[tuple[float, str, int]]:
+    """Every label sent, from every worker's feedback file: (time, prediction id, label), oldest first."""
     labels: list[tuple[float, str, int]] = []
     for path in sorted(root.glob("*/feedback.sqlite")):
         with contextlib.closing(read_only(path)) as db:
             labels += db.execute("SELECT time, prediction_id, label FROM feedback").fetchall()
-    return {prediction_id: label for _, prediction_id, label in sorted(labels)}
+    return sorted(labels)
+
+
+def read_feedback(root: Path) -> dict[str, int]:
+    """The latest label sent for each prediction."""
+    return {prediction_id: label for _, prediction_id, label in read_labels(root)}

@@ -15,6 +15,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+MAX_IMAGE_PIXELS = 40_000_000  # default of SERVING_MAX_IMAGE_PIXELS; the prepare stage's limit for image folders
+
 
 class ImageError(ValueError):
     """The upload is not an image this service can use; the message says why."""

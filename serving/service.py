@@ -30,8 +30,8 @@ from serving.batcher import MicroBatcher
 from serving.inputs import ClientError, images_to_array
 from serving.limits import ApiRequestGuard, HeaderLimit
 from serving.metrics import BATCH_SIZES, LOG_DROPPED, count_predictions
-from serving.model_source import ModelMissingError, ensure_model
-from serving.model_store import MODEL_FILES
+from serving.model_source import ModelMissingError, ensure_model, record
+from serving.model_store import MODEL_FILES, SERVED_RECORD
 from serving.prediction_log import Outputs, Pending, PredictionIds, PredictionLog
 from serving.preprocess import ImageError, open_image, to_model_input
 from serving.routes import PREDICTION_ROUTES, build_api
@@ -129,8 +129,12 @@ class Classifier:
             "input_spec",
             "ood_threshold",
         )
+        served = record(SERVED_RECORD)  # the workspace's champion.json: its registry version, when it is this model
+        registry = served.get("bentoml_tag") == str(self.bento_model.tag)
         return {
             "bentoml_tag": str(self.bento_model.tag),
+            "registered_model": served.get("registered_model") if registry else None,
+            "registered_version": served.get("version") if registry else None,
             "execution_provider": self.model.provider,
             "provider_fallback": self.model.fallback,
             "precision": self.model.precision,

@@ -14,9 +14,9 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.model_store import default_model_tag
+from serving.preprocess import MAX_IMAGE_PIXELS
 
 MAX_BATCH_IMAGES = 1024  # default of SERVING_MAX_BATCH_IMAGES, also stated in the OpenAPI document
-MAX_IMAGE_PIXELS = 40_000_000  # default of SERVING_MAX_IMAGE_PIXELS, also the benchmarks' peer's limit
 ENV_PREFIX = "SERVING_"
 PositiveInt = Annotated[int, Field(ge=1)]
 

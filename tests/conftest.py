@@ -41,7 +41,7 @@ def copy_repo(dest: Path) -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    for generated in ("dvc.lock", "champion.json"):
+    for generated in ("dvc.lock", "challenger.json", "champion.json"):
         (dest / generated).unlink(missing_ok=True)
     for generated in ("metrics", "plots", "reports", "export"):
         shutil.rmtree(dest / generated, ignore_errors=True)

@@ -8,6 +8,7 @@ against the options of its `architecture`, so a typo stops the pipeline with one
 from __future__ import annotations
 
 import copy
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,7 +37,10 @@ EVALUATION_DIR = REPORTS_DIR / "evaluation"  # one folder per model, written by 
 REPORT_FILE = REPORTS_DIR / "report.md"  # the pipeline report, written by the select stage
 REPORT_FIGURES_DIR = REPORTS_DIR / "figures"
 CONTRAST_DIR = Path("data/contrast")  # the contrast dataset's test images, for the OOD score's AUROC
-CHAMPION_FILE = Path("champion.json")
+CHALLENGER_FILE = Path("challenger.json")  # the select stage's choice, which the gate stage weighs
+CHAMPION_FILE = Path("champion.json")  # the served model: the gate stage's decision
+EXTRA_DIR = Path("data/extra")  # image folders of extra training data (`data.extra`), feedback's among them
+FEEDBACK_DIR = EXTRA_DIR / "feedback"  # `make feedback-data`: labelled predictions of the prediction log
 EXPORT_DIR = Path("export")
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -80,6 +84,8 @@ class DataSettings(Group):
     seed: int
     subset: SubsetSizes
     csv: SplitFiles
+    extra: list[str]  # image folders under data/extra/, `<folder>/<class name>/<image>`, added to the training data
+    extra_holdout: Annotated[float, Field(gt=0, lt=1)]  # share of each extra folder held out as its own test set
 
     @field_validator("dataset")
     @classmethod
@@ -96,6 +102,20 @@ class DataSettings(Group):
         if name not in ("auto", ""):
             cls._known_dataset(name)
         return name
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_under_data_extra(cls, folders: list[str]) -> list[str]:
+        names = [Path(folder).name for folder in folders]
+        for folder in folders:
+            path = Path(folder)
+            if path.is_absolute() or path.parent != EXTRA_DIR:
+                raise ValueError(f"{folder!r}: an extra folder goes in {EXTRA_DIR}/ (the prepare stage's dependency)")
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", path.name):
+                raise ValueError(f"{folder!r}: a folder name of letters, digits, - and _ (it names its held-out set)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"two extra folders of one name: {names}")
+        return folders
 
     @field_validator("val_size")
     @classmethod
@@ -242,6 +262,16 @@ class OodSettings(Group):
     parity_rtol: Annotated[float, Field(gt=0)]  # max |s_onnx - s_torch| / max(1, |s_torch|) over the test set
 
 
+class GateSettings(Group):
+    tolerance: Annotated[float, Field(ge=0)]  # percentage points the challenger may lose on the official test set
+    promote: bool  # false: the decision is recorded, the registry left as it is
+
+
+class MonitorSettings(Group):
+    min_live_accuracy: Fraction
+    min_new_labels: Count
+
+
 class ExportSettings(Group):
     parity_atol: Annotated[float, Field(gt=0)]
     bentoml_model: str
@@ -261,6 +291,8 @@ class Params(Group):
     evaluate: EvaluateSettings
     mlflow: MlflowSettings
     export: ExportSettings
+    gate: GateSettings
+    monitor: MonitorSettings
 
     @classmethod
     def from_dict(cls, values: Any) -> Params:

@@ -138,21 +138,19 @@ def check_parity(
 
 
 def onnx_metadata(
-    champion: dict, card: dict, upload_fit: int, test_time_augmentation: str, git_commit: str
+    model: dict, card: dict, upload_fit: int, test_time_augmentation: str, git_commit: str
 ) -> dict[str, object]:
     """What the exported file says about itself: the service's model card and preprocessing come from here."""
     return {
-        "model_name": champion["model"],
+        "model_name": model["model"],
         "dataset": card["dataset"],
         "class_names": card["class_names"],
         "upload_fit": upload_fit,
-        "mlflow_run_id": champion["run_id"],
-        "registered_model": champion["registered_model"],
-        "registered_version": champion["version"],
+        "mlflow_run_id": model["run_id"],
         "git_commit": git_commit,
-        "val_accuracy": champion["val_accuracy"],
-        "test_accuracy": champion["test_accuracy"],
-        "parameters": champion["parameters"],
+        "val_accuracy": model["val_accuracy"],
+        "test_accuracy": model["test_accuracy"],
+        "parameters": model["parameters"],
         "test_time_augmentation": test_time_augmentation,
         "precision": "fp32",
     }

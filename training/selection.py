@@ -27,8 +27,8 @@ def comparison_table(rows: list[dict], champion: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def champion_record(champion: dict, dataset: str, registered_model: str, version: int, alias: str) -> dict:
-    """What champion.json says: the chosen model, its scores, and where the registry holds it."""
+def challenger_record(champion: dict, dataset: str) -> dict:
+    """What challenger.json says: the chosen model and its scores."""
     return {
         "model": champion["model"],
         "dataset": dataset,
@@ -36,7 +36,4 @@ def champion_record(champion: dict, dataset: str, registered_model: str, version
         "val_accuracy": champion["val_accuracy"],
         "test_accuracy": champion["test_accuracy"],
         "parameters": champion["parameters"],
-        "registered_model": registered_model,
-        "version": version,
-        "alias": alias,
     }

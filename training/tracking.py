@@ -128,23 +128,13 @@ def log_evaluation(
         mlflow.log_artifacts(str(artifacts), artifact_path="evaluation")
 
 
-def register_champion(champion: dict, registered_model: str, alias: str, report_file: Path, figures_dir: Path) -> int:
-    """The champion's model as a new version of `registered_model` under `alias`, its run tagged, and the
-    pipeline report beside its own evaluation (the report's links keep working there); the version."""
-    version = mlflow.register_model(
-        champion["model_uri"],
-        registered_model,
-        tags={
-            "val_accuracy": f"{champion['val_accuracy']:.4f}",
-            "test_accuracy": f"{champion['test_accuracy']:.4f}",
-        },
-    )
+def log_report(run_id: str, report_file: Path, figures_dir: Path) -> None:
+    """The pipeline report beside the chosen model's own evaluation (the report's links keep working there),
+    its run tagged as the pipeline's challenger."""
     client = mlflow.MlflowClient()
-    client.set_registered_model_alias(registered_model, alias, version.version)
-    client.set_tag(champion["run_id"], "champion", "true")
-    client.log_artifact(champion["run_id"], str(report_file), "pipeline_report")
-    client.log_artifacts(champion["run_id"], str(figures_dir), f"pipeline_report/{figures_dir.name}")
-    return int(version.version)
+    client.set_tag(run_id, "challenger", "true")
+    client.log_artifact(run_id, str(report_file), "pipeline_report")
+    client.log_artifacts(run_id, str(figures_dir), f"pipeline_report/{figures_dir.name}")
 
 
 def log_export(run_id: str, files: list[Path], figures: dict[str, dict]) -> None:

@@ -1,0 +1,102 @@
+"""`make feedback-data`: the labelled predictions of the prediction log as an image folder a person can browse,
+`data/extra/feedback/<class name>/<sha256 of the model input>.png` (the 28x28 input the model saw; a `/` in a
+class name is a `_` in its folder name), one file per digest. Where one digest got different labels, the
+latest wins (counted). feedback.json beside the folder records what was written, so that a later run adds
+only new labels: a file a person deleted, or moved to another class folder to relabel it, stays so until a
+newer label for it arrives. `make feedback-data` then `dvc add`s the folder; `data.extra:
+[data/extra/feedback]` trains on it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipelines._stage import run
+from serving.files import read_json, write_json
+from serving.prediction_log import read_labels, read_predictions
+from serving.settings import ServingSettings
+from training.config import FEEDBACK_DIR, Params
+from training.datasets import IMAGE_SHAPE
+from training.folders import folder_name
+
+log = logging.getLogger("feedback-data")
+MANIFEST = FEEDBACK_DIR.with_suffix(".json")  # digest -> the class and feedback time it was written for
+
+
+def labelled_inputs(log_dir: Path) -> tuple[dict[str, tuple[float, int, bytes]], dict[str, int]]:
+    """{input sha256: (feedback time, label, model input)}, the latest label per digest, and the counts of
+    labels, of digests that got more than one label, and of labelled predictions logged without their input."""
+    labels = read_labels(log_dir)
+    wanted = {prediction_id for _, prediction_id, _ in labels}
+    found = {r["id"]: r for r in read_predictions(log_dir) if r["id"] in wanted}
+    latest: dict[str, tuple[float, int, bytes]] = {}
+    seen: dict[str, set[int]] = {}
+    without_input = 0
+    for time, prediction_id, label in labels:  # oldest first: a later label replaces an earlier one
+        record = found.get(prediction_id)
+        if record is None or record["model_input"] is None:
+            without_input += record is not None
+            continue
+        digest = record["input_sha256"]
+        latest[digest] = (time, label, record["model_input"])
+        seen.setdefault(digest, set()).add(label)
+    counts = {
+        "labels": len(labels),
+        "conflicting": sum(len(s) > 1 for s in seen.values()),
+        "without_input": without_input,
+        "not_in_log": len(wanted - set(found)),
+    }
+    return latest, counts
+
+
+def write_folder(latest: dict[str, tuple[float, int, bytes]], class_names: list[str], folder: Path) -> dict[str, int]:
+    """Write what is new since the manifest; return how many files were added, relabelled and left alone."""
+    manifest = read_json(MANIFEST) if MANIFEST.exists() else {}
+    counts = {"added": 0, "relabelled": 0, "unchanged": 0}
+    for digest, (time, label, pixels) in sorted(latest.items()):
+        if digest in manifest and manifest[digest]["time"] >= time:
+            counts["unchanged"] += 1  # what a person did with it since stands
+            continue
+        for old in folder.glob(f"*/{digest}.png"):
+            old.unlink()
+        counts["relabelled" if digest in manifest else "added"] += 1
+        path = folder / folder_name(class_names[label]) / f"{digest}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = np.frombuffer(pixels, np.uint8).reshape(IMAGE_SHAPE[1:])
+        Image.fromarray(image, "L").save(path)
+        manifest[digest] = {"class_name": class_names[label], "time": time}
+    write_json(manifest, MANIFEST)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-dir", type=Path, help="the prediction log (default: SERVING_PREDICTION_LOG_DIR's)")
+    args = parser.parse_args()
+    log_dir = args.log_dir or ServingSettings.from_env().prediction_log_dir
+    latest, counts = labelled_inputs(log_dir)
+    class_names = list(Params.load().data.spec.class_names)
+    written = write_folder(latest, class_names, FEEDBACK_DIR)
+    log.info(
+        "%s: %d labels in %s for %d distinct inputs: %d added, %d relabelled, %d unchanged; %d inputs got "
+        "conflicting labels (the latest won), %d labelled predictions were logged without their input, %d are "
+        "no longer in the log",
+        FEEDBACK_DIR,
+        counts["labels"],
+        log_dir,
+        len(latest),
+        written["added"],
+        written["relabelled"],
+        written["unchanged"],
+        counts["conflicting"],
+        counts["without_input"],
+        counts["not_in_log"],
+    )
+
+
+if __name__ == "__main__":
+    run(main)

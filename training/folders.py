@@ -1,0 +1,116 @@
+"""Image folders as data: `<folder>/<class name>/<any image file>`, converted by the service's own preprocessing,
+so an image trains the model exactly as it would be served. A share of each folder, chosen by a hash of the
+file's name, is held out as that folder's own test set."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.preprocess import MAX_IMAGE_PIXELS, ImageError, image_to_input
+from training.config import DataSettings
+from training.data import SPLITS, Prepared, PreparedDataset, class_counts
+from training.datasets import IMAGE_SHAPE
+from training.errors import ConfigError, PipelineError
+
+
+class FolderFormatError(PipelineError):
+    """A file in an image folder the pipeline cannot use; the message names it."""
+
+
+@dataclass
+class ImageFolder:
+    """One folder's images (uint8 [N,1,28,28]), labels, and file names relative to the folder."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    names: list[str]
+
+    def take(self, mask: np.ndarray) -> ImageFolder:
+        names = [name for name, keep in zip(self.names, mask, strict=True) if keep]
+        return ImageFolder(self.images[mask], self.labels[mask], names)
+
+
+def folder_name(class_name: str) -> str:
+    """A class's folder: its name, a `/` (T-shirt/top) written as `_`."""
+    return class_name.replace("/", "_")
+
+
+def image_files(folder: Path, class_names: list[str]) -> list[tuple[Path, int]]:
+    """Every file of every class folder with its class index, sorted; dot files (.DS_Store, ...) skipped. A
+    folder that is not a class is one line naming it and the classes."""
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such folder (expected {folder}/<class name>/<image files>)")
+    index = {folder_name(name): i for i, name in enumerate(class_names)}
+    files = []
+    for class_dir in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
+        if not class_dir.is_dir():
+            continue
+        if class_dir.name not in index:
+            raise ConfigError(
+                f"{class_dir}: {class_dir.name!r} is not a class name; expected one of {', '.join(index)}"
+            )
+        found = (p for p in sorted(class_dir.rglob("*")) if p.is_file() and not p.name.startswith("."))
+        files += [(path, index[class_dir.name]) for path in found]
+    return files
+
+
+def read_folder(folder: Path, class_names: list[str], upload_fit: int) -> ImageFolder:
+    """A folder's images as model inputs, through the service's preprocessing."""
+    files = image_files(folder, class_names)
+    images = np.zeros((len(files), *IMAGE_SHAPE), np.uint8)
+    for n, (path, _) in enumerate(files):
+        try:
+            images[n] = image_to_input(path.read_bytes(), IMAGE_SHAPE[-1], upload_fit, MAX_IMAGE_PIXELS)
+        except ImageError as exc:
+            raise FolderFormatError(f"{path}: {exc}") from None
+    labels = np.array([label for _, label in files], np.uint8)
+    return ImageFolder(images, labels, [path.relative_to(folder).as_posix() for path, _ in files])
+
+
+def held_out(names: list[str], share: float) -> np.ndarray:
+    """Which files are held out: those whose name's sha256 falls in the first `share` of its range, so a file
+    stays on its side when others are added, removed or moved to another class."""
+    fractions = [int.from_bytes(hashlib.sha256(Path(n).name.encode()).digest()[:8], "big") / 2**64 for n in names]
+    return np.array(fractions, dtype=np.float64) < share
+
+
+def holdout_split(folder: str) -> str:
+    """The split name of an extra folder's held-out images."""
+    return f"holdout_{Path(folder).name}"
+
+
+def add_extra_folders(result: PreparedDataset, settings: DataSettings) -> PreparedDataset:
+    """The prepared data with each of `data.extra`'s folders: its files, less their held-out share, appended to
+    the training split; the held-out share as a split of its own. Validation and test stay as they are."""
+    if not settings.extra:
+        return result
+    arrays, card = dict(result.prepared.arrays), dict(result.card)
+    class_names = card["class_names"]
+    extra: dict[str, dict[str, int | str]] = {}
+    held: list[str] = []
+    for folder in settings.extra:
+        images = read_folder(Path(folder), class_names, settings.spec.upload_fit)
+        mask = held_out(images.names, settings.extra_holdout)
+        train, holdout = images.take(~mask), images.take(mask)
+        arrays["x_train"] = np.concatenate([arrays["x_train"], train.images])
+        arrays["y_train"] = np.concatenate([arrays["y_train"], train.labels])
+        split = holdout_split(folder)
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = holdout.images, holdout.labels
+        extra[folder] = {"train": len(train.labels), "holdout": len(holdout.labels), "split": split}
+        held.append(split)
+    prepared = Prepared(arrays)
+    splits = [*SPLITS, *held]
+    card |= {
+        "sha256": prepared.digest(),
+        "images": {split: len(prepared.labels(split)) for split in splits},
+        "per_class": {
+            split: dict(zip(class_names, class_counts(prepared.labels(split), len(class_names)), strict=True))
+            for split in splits
+        },
+        "extra": extra,
+    }
+    return PreparedDataset(prepared, card)
