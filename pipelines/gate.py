@@ -42,7 +42,9 @@ def main() -> None:
             restore_model(champion.bentoml_tag, files)  # served from here on: the BentoML store must hold it
     decision = decide(challenger_scores, champion_scores, params.gate.tolerance)
     rolled_back = registry.rolled_back_version(name, onnx_sha256)
-    if decision.promote and rolled_back is not None:
+    if champion is not None and champion.tags.get("onnx_sha256") == onnx_sha256:
+        decision = Decision(False, f"kept the champion: the challenger is version {champion.version}, the same file")
+    elif decision.promote and rolled_back is not None:
         decision = Decision(
             False, f"kept the champion: the challenger is version {rolled_back}, rolled back with `make rollback`"
         )

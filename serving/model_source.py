@@ -5,6 +5,8 @@ Registry, which holds every served version."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import bentoml
@@ -44,23 +46,27 @@ def ensure_model(tag: str) -> None:
         restore_model(tag, files, "dvc pull")
         return
     served = record(SERVED_RECORD)
-    if served.get("bentoml_tag") != tag:
-        raise ModelMissingError(
-            f"no trained model to serve: BentoML model {tag} is not in the local store, nor in "
-            f"{export_dir.name}/ or the registry; train one with `make run`, or fetch the team's with `make pull`"
-        )
+    nowhere = (
+        f"no trained model to serve: BentoML model {tag} is not in the local store, nor in {export_dir.name}/"
+        "{registry}; train one with `make run`, or fetch the team's from the DVC remote with `make pull`"
+    )
     try:  # the workspace's pipeline: never inside a built bento
         import mlflow
 
         from training import registry, tracking
-    except ImportError as exc:
-        raise ModelMissingError(f"BentoML model {tag} is not in the local store ({exc})") from None
-    import tempfile
-
+    except ImportError:
+        raise ModelMissingError(nowhere.format(registry="")) from None
+    has_store = os.environ.get("MLFLOW_TRACKING_URI") or (tracking.repo_root() / "mlflow.db").is_file()
+    if served.get("bentoml_tag") != tag or not has_store:  # never a new, empty mlflow.db as a side effect
+        raise ModelMissingError(nowhere.format(registry=""))
     mlflow.set_tracking_uri(tracking.tracking_uri())
     version = registry.Version(served["version"], served["run_id"], {"bentoml_tag": tag})
-    with tempfile.TemporaryDirectory() as folder:
-        restore_model(tag, registry.download(served["registered_model"], version, Path(folder)))
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            restore_model(tag, registry.download(served["registered_model"], version, Path(folder)))
+    except Exception as exc:  # an unreachable server, a store without that version: say so, in one line
+        reason = f" or the registry ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        raise ModelMissingError(nowhere.format(registry=reason)) from None
 
 
 def record(path: Path) -> dict:

@@ -20,6 +20,7 @@ DVC = str(VENV_BIN / "dvc")
 COMMITTED_AFTER_A_RUN = (
     "params.yaml",
     "dvc.lock",
+    "challenger.json",
     "champion.json",
     "export/export.json",
     "metrics",

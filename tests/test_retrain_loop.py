@@ -14,6 +14,7 @@ import requests
 import yaml
 
 from benchmarks.local_server import LocalServer
+from tests.browser import ARTIFACTS
 from tests.conftest import copy_repo, require_shared_datasets
 from tests.pipeline_fixtures import VENV_BIN, edit_params, run, stage_env
 from training.data import load_idx_pair
@@ -21,7 +22,7 @@ from training.datasets import TRAIN_IMAGES, TRAIN_LABELS
 
 pytestmark = pytest.mark.slow
 TOKEN = "retrain-test-token"
-MODEL = "fashion-mnist-classifier"
+RESULTS = ARTIFACTS.parent / "retrain-loop.json"  # the gate's figures and the served accuracy, for people to read
 
 
 def set_params(repo: Path, **groups: dict) -> None:
@@ -126,6 +127,9 @@ def test_feedback_retrain_promote_serve_and_roll_back(loop, tmp_path):
         assert card["registered_version"] == 2 and card["bentoml_tag"] == second["bentoml_tag"]
         after, _ = accuracy(server, rotated, labels)
     assert after > before + 0.1
+    figures = {"served_rotated_accuracy": {"before": before, "after": after}, "gate": gate}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(figures, indent=2))
 
     run([str(VENV_BIN / "python"), "-m", "pipelines.rollback"], repo, env)
     rolled = champion(repo)
