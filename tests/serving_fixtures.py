@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import requests
 import torch
 from PIL import Image
 
@@ -145,6 +146,17 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
             key, value = line.rsplit(" ", 1)
             samples[key] = float(value)
     return samples
+
+
+def predict_batch(server, images: np.ndarray) -> list[dict]:
+    """Images [N,1,28,28] in requests of 100, as a client sending a window of traffic would."""
+    answers = []
+    for start in range(0, len(images), 100):
+        body = {"images": images[start : start + 100, 0].tolist()}
+        response = requests.post(f"{server.url}/predict_batch", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        answers += response.json()
+    return answers
 
 
 def png(pixels: np.ndarray, mode: str = "L") -> bytes:

@@ -22,7 +22,7 @@ from serving.prediction_log import read_feedback, read_predictions
 from tests.browser import ARTIFACTS, chromium, screenshot, wait_for
 from tests.conftest import REPO
 from tests.prometheus_fixtures import Prometheus
-from tests.serving_fixtures import MODEL_NAME, contrast_images, metric_samples, png, serving
+from tests.serving_fixtures import MODEL_NAME, contrast_images, metric_samples, png, predict_batch, serving
 from training.config import load_params
 
 pytestmark = pytest.mark.slow
@@ -48,17 +48,6 @@ def monitored(served_model, folder: Path, with_prometheus: bool):
 def logged(served_model, tmp_path_factory):
     with monitored(served_model, tmp_path_factory.mktemp("monitoring"), with_prometheus=False) as service:
         yield service
-
-
-def predict_batch(server, images: np.ndarray) -> list[dict]:
-    """Images [N,1,28,28] in requests of 100, as a client sending a window of traffic would."""
-    answers = []
-    for start in range(0, len(images), 100):
-        body = {"images": images[start : start + 100, 0].tolist()}
-        response = requests.post(f"{server.url}/predict_batch", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        answers += response.json()
-    return answers
 
 
 def send_feedback(server, prediction_id: str, label, headers=AUTH) -> requests.Response:

@@ -17,6 +17,7 @@ from benchmarks.local_server import LocalServer
 from tests.browser import ARTIFACTS
 from tests.conftest import copy_repo, require_shared_datasets
 from tests.pipeline_fixtures import VENV_BIN, edit_params, run, stage_env
+from tests.serving_fixtures import predict_batch
 from training.data import load_idx_pair
 from training.datasets import TRAIN_IMAGES, TRAIN_LABELS
 
@@ -44,12 +45,7 @@ def served(repo: Path, env: dict, log: Path):
 
 
 def accuracy(server, images: np.ndarray, labels: np.ndarray) -> tuple[float, list[str]]:
-    answers = []
-    for start in range(0, len(images), 100):
-        body = {"images": images[start : start + 100, 0].tolist()}
-        response = requests.post(f"{server.url}/predict_batch", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        answers += response.json()
+    answers = predict_batch(server, images)
     return float(np.mean([a["label"] for a in answers] == labels)), [a["prediction_id"] for a in answers]
 
 
