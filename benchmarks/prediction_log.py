@@ -50,8 +50,9 @@ def settled_records(log_dir: Path, expected: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run")
+    # the log costs a few percent; 3 runs of 10 s differed by more than that between runs of one setting
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per throughput run")
     parser.add_argument("--soak", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "prediction_log.json")
