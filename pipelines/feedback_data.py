@@ -19,7 +19,7 @@ from pipelines._stage import run
 from serving.files import read_json, write_json
 from serving.prediction_log import read_labels, read_predictions
 from serving.settings import ServingSettings
-from training.config import FEEDBACK_DIR, Params
+from training.config import FEEDBACK_DIR
 from training.datasets import IMAGE_SHAPE
 from training.folders import folder_name
 
@@ -27,23 +27,24 @@ log = logging.getLogger("feedback-data")
 MANIFEST = FEEDBACK_DIR.with_suffix(".json")  # digest -> the class and feedback time it was written for
 
 
-def labelled_inputs(log_dir: Path) -> tuple[dict[str, tuple[float, int, bytes]], dict[str, int]]:
-    """{input sha256: (feedback time, label, model input)}, the latest label per digest, and the counts of
-    labels, of digests that got more than one label, and of labelled predictions logged without their input."""
+def labelled_inputs(log_dir: Path) -> tuple[dict[str, tuple[float, str, bytes]], dict[str, int]]:
+    """{input sha256: (feedback time, class name, model input)}, the latest label per digest (named as the model
+    that served it names its classes), and the counts of labels, of digests that got more than one label, and of
+    labelled predictions logged without their input."""
     labels = read_labels(log_dir)
     wanted = {prediction_id for _, prediction_id, _ in labels}
     found = {r["id"]: r for r in read_predictions(log_dir) if r["id"] in wanted}
-    latest: dict[str, tuple[float, int, bytes]] = {}
-    seen: dict[str, set[int]] = {}
+    latest: dict[str, tuple[float, str, bytes]] = {}
+    seen: dict[str, set[str]] = {}
     without_input = 0
     for time, prediction_id, label in labels:  # oldest first: a later label replaces an earlier one
         record = found.get(prediction_id)
         if record is None or record["model_input"] is None:
             without_input += record is not None
             continue
-        digest = record["input_sha256"]
-        latest[digest] = (time, label, record["model_input"])
-        seen.setdefault(digest, set()).add(label)
+        digest, class_name = record["input_sha256"], record["class_names"][label]
+        latest[digest] = (time, class_name, record["model_input"])
+        seen.setdefault(digest, set()).add(class_name)
     counts = {
         "labels": len(labels),
         "conflicting": sum(len(s) > 1 for s in seen.values()),
@@ -53,22 +54,22 @@ def labelled_inputs(log_dir: Path) -> tuple[dict[str, tuple[float, int, bytes]],
     return latest, counts
 
 
-def write_folder(latest: dict[str, tuple[float, int, bytes]], class_names: list[str], folder: Path) -> dict[str, int]:
+def write_folder(latest: dict[str, tuple[float, str, bytes]], folder: Path) -> dict[str, int]:
     """Write what is new since the manifest; return how many files were added, relabelled and left alone."""
     manifest = read_json(MANIFEST) if MANIFEST.exists() else {}
     counts = {"added": 0, "relabelled": 0, "unchanged": 0}
-    for digest, (time, label, pixels) in sorted(latest.items()):
+    for digest, (time, class_name, pixels) in sorted(latest.items()):
         if digest in manifest and manifest[digest]["time"] >= time:
             counts["unchanged"] += 1  # what a person did with it since stands
             continue
         for old in folder.glob(f"*/{digest}.png"):
             old.unlink()
         counts["relabelled" if digest in manifest else "added"] += 1
-        path = folder / folder_name(class_names[label]) / f"{digest}.png"
+        path = folder / folder_name(class_name) / f"{digest}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image = np.frombuffer(pixels, np.uint8).reshape(IMAGE_SHAPE[1:])
         Image.fromarray(image, "L").save(path)
-        manifest[digest] = {"class_name": class_names[label], "time": time}
+        manifest[digest] = {"class_name": class_name, "time": time}
     write_json(manifest, MANIFEST)
     return counts
 
@@ -79,8 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     log_dir = args.log_dir or ServingSettings.from_env().prediction_log_dir
     latest, counts = labelled_inputs(log_dir)
-    class_names = list(Params.load().data.spec.class_names)
-    written = write_folder(latest, class_names, FEEDBACK_DIR)
+    written = write_folder(latest, FEEDBACK_DIR)
     log.info(
         "%s: %d labels in %s for %d distinct inputs: %d added, %d relabelled, %d unchanged; %d inputs got "
         "conflicting labels (the latest won), %d labelled predictions were logged without their input, %d are "

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from serving.model_store import MODEL_FILES, default_model_tag
+from serving.model_store import MODEL_FILES, ModelMissingError
 from serving.runtime import CPU, CUDA, ModelFileError, OnnxClassifier, choose_precision, cuda_unavailable_reason
 from serving.settings import ServingSettings
 
@@ -46,15 +46,18 @@ def main() -> None:
     print(f"onnxruntime {ort.__version__}: providers listed {', '.join(ort.get_available_providers())}")
     cuda_problem = cuda_unavailable_reason()
     print(f"{CUDA}: {'usable' if cuda_problem is None else 'unusable, ' + cuda_problem}")
-    settings = ServingSettings.from_env()
     try:
+        settings = ServingSettings.from_env()
         stored = bentoml.models.get(settings.model_tag)
+    except ModelMissingError as exc:
+        print(f"served model: {exc}")
+        return
     except bentoml.exceptions.NotFound:
         print(f"served model {settings.model_tag}: not in the BentoML store; `make run` trains and exports one")
         return
     metadata = stored.info.metadata
     files = {p: (stored.path_of(name), str(metadata[key])) for p, (name, key) in MODEL_FILES.items() if key in metadata}
-    print(f"served model {stored.tag} ({default_model_tag()} by export/export.json): {', '.join(files)} files")
+    print(f"served model {stored.tag}: {', '.join(files)} files")
     try:
         precision = choose_precision(settings.precision, settings.device, list(files))
         path, checksum = files[precision]

@@ -12,11 +12,7 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
-from serving.model_store import EXPORT_RECORD, SERVED_RECORD, STORED_FILES, save_onnx
-
-
-class ModelMissingError(RuntimeError):
-    """Nothing trained to serve here; the message names the ways out."""
+from serving.model_store import EXPORT_RECORD, SERVED_RECORD, STORED_FILES, ModelMissingError, save_onnx
 
 
 def restore_model(tag: str, files: dict[str, Path], source: str = "registry") -> None:

@@ -17,18 +17,35 @@ REFERENCE_FILE = "reference.npz"  # what monitoring compares served traffic with
 # each file the BentoML model holds, by precision, and the metadata key of its checksum
 MODEL_FILES = {"fp32": (ONNX_FILE, "onnx_sha256"), "int8": (INT8_FILE, "int8_sha256")}
 STORED_FILES = {**MODEL_FILES, "reference": (REFERENCE_FILE, "reference_sha256")}
-WORKSPACE = Path(__file__).resolve().parents[1]
+WORKSPACE = Path(__file__).resolve().parents[1]  # the project; in a built bento, its copy of serving/'s parent
 EXPORT_RECORD = WORKSPACE / "export" / "export.json"  # the export stage's last model (the challenger)
 SERVED_RECORD = WORKSPACE / "champion.json"  # the model the gate stage (or `make rollback`) decided to serve
 
 
-def default_model_tag(fallback: str = "fashion-mnist-classifier:latest") -> str:
+def in_workspace() -> bool:
+    """Whether the service runs in the project (`make serve`), not in a built bento."""
+    return (WORKSPACE / "dvc.yaml").is_file()
+
+
+class ModelMissingError(RuntimeError):
+    """Nothing trained to serve here; the message names the ways out."""
+
+
+def default_model_tag() -> str:
     """The workspace's champion (champion.json), so serving and `bentoml build` use exactly the model the
-    registry's champion alias names, not whatever an experiment saved last; `fallback` inside a built bento."""
+    registry's champion alias names, not whatever an experiment saved last; in a built bento (no workspace
+    around it; BentoML's model store is then the bento's own), the one model it packages."""
+    if not in_workspace():
+        packaged = bentoml.models.list()
+        if len(packaged) == 1:
+            return str(packaged[0].tag)
     try:
         return json.loads(SERVED_RECORD.read_text())["bentoml_tag"]
-    except (OSError, ValueError, KeyError):
-        return fallback
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelMissingError(
+            f"no model chosen to serve: {SERVED_RECORD.name} names none ({type(exc).__name__}); `make run` trains "
+            "one and the gate stage picks it, `make pull` fetches the team's, or set BENTO_MODEL_TAG"
+        ) from None
 
 
 def read_metadata(path: Path | str) -> dict[str, Any]:

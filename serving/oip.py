@@ -2,7 +2,8 @@
 speak: health, server and model metadata, and inference on JSON tensors or on the binary tensor data
 extension (a JSON header of `Inference-Header-Content-Length` bytes, then the raw tensors).
 
-One model, named as registered (fashion-mnist-classifier or mnist-classifier), version = its BentoML tag's.
+One model, named as registered (`<dataset>-classifier`), version = its BentoML tag's; its metadata's
+`parameters.class_names` names the columns of the per-class outputs.
 Input: UINT8 [-1,1,28,28] pixels (FP32 holding whole numbers 0-255 is accepted too); outputs `logits` and
 `probabilities`, FP32 [-1,classes], `ood_score` FP32 [-1], `out_of_distribution` BOOL [-1] and `prediction_id`
 BYTES [-1] (for POST /feedback). Inference goes through the service's batcher, with /predict's requests, and
@@ -90,6 +91,7 @@ async def model_metadata(name: str, version: str | None = None) -> Response:
                 {"name": name, "datatype": datatype, "shape": [-1, classes] if per_class else [-1]}
                 for name, (datatype, per_class) in OUTPUTS.items()
             ],
+            "parameters": {"class_names": service.class_names},
         }
     )
 

@@ -282,6 +282,7 @@ def records(chunk: sqlite3.Row, positions: slice | list[int] | None = None) -> l
             **dict(zip(STATISTICS, picked["statistics"][n].tolist(), strict=True)),
             "label": int(labels[n]),
             "class_name": class_names[labels[n]],
+            "class_names": class_names,  # the served model's: what a label (an index) means
             "confidence": float(probabilities[n, labels[n]]),
             "probabilities": probabilities[n].tobytes(),
             "embedding": picked["embedding"][n].tobytes(),

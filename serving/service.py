@@ -30,8 +30,8 @@ from serving.batcher import MicroBatcher
 from serving.inputs import ClientError, images_to_array
 from serving.limits import ApiRequestGuard, HeaderLimit
 from serving.metrics import BATCH_SIZES, LOG_DROPPED, count_predictions
-from serving.model_source import ModelMissingError, ensure_model, record
-from serving.model_store import MODEL_FILES, SERVED_RECORD
+from serving.model_source import ensure_model, record
+from serving.model_store import MODEL_FILES, SERVED_RECORD, ModelMissingError
 from serving.prediction_log import Outputs, Pending, PredictionIds, PredictionLog
 from serving.preprocess import ImageError, open_image, to_model_input
 from serving.routes import PREDICTION_ROUTES, build_api
@@ -57,7 +57,7 @@ INLINE_PIXELS = 256 * 256  # smaller uploads are decoded on the event loop; a th
 )
 @bentoml.asgi_app(build_api(SETTINGS), path="/", name="classifier")
 class Classifier:
-    """Classifies 28x28 grey images of clothing (Fashion-MNIST) or digits (MNIST)."""
+    """Classifies images into the classes of the model it serves (its metadata names them)."""
 
     bento_model = bentoml.models.BentoModel(SETTINGS.model_tag)
 

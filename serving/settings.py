@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serving.model_store import default_model_tag
+from serving.model_store import WORKSPACE, default_model_tag, in_workspace
 from serving.preprocess import MAX_IMAGE_PIXELS
 
 MAX_BATCH_IMAGES = 1024  # default of SERVING_MAX_BATCH_IMAGES, also stated in the OpenAPI document
@@ -35,16 +35,15 @@ def threads_per_worker(data: dict[str, Any]) -> int:
     return max(1, cpu_count() // data["workers"])
 
 
-def export_record_tag() -> str:
-    """the tag in export/export.json"""
+def champion_tag() -> str:
+    """the tag in champion.json; in a built bento, its model's"""
     return default_model_tag()
 
 
 def prediction_log_dir() -> Path:
     """`logs/predictions` in the workspace; in a built bento, `prediction_log` in BentoML's home"""
-    workspace = Path(__file__).resolve().parents[1]
-    if (workspace / "dvc.yaml").is_file():
-        return workspace / "logs" / "predictions"
+    if in_workspace():
+        return WORKSPACE / "logs" / "predictions"
     return Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "prediction_log"
 
 
@@ -56,9 +55,9 @@ class ServingSettings(BaseSettings):
     )
 
     model_tag: str = Field(
-        default_factory=export_record_tag,
+        default_factory=champion_tag,
         validation_alias="BENTO_MODEL_TAG",
-        description="the BentoML model served: exactly the one the workspace's last export stage saved",
+        description="the BentoML model served: the champion, as the gate stage or `make rollback` chose it",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",

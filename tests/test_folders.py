@@ -16,7 +16,7 @@ from serving.preprocess import MAX_IMAGE_PIXELS, image_to_input
 from training.config import MonitorSettings, Params
 from training.data import Prepared, PreparedDataset
 from training.errors import ConfigError
-from training.folders import FolderFormatError, add_extra_folders, held_out, read_folder
+from training.folders import FolderFormatError, add_extra_folders, held_out, prepare, read_folder
 from training.gate import decide
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -74,6 +74,63 @@ def test_a_file_that_is_no_image_is_one_line_naming_it(tmp_path):
     assert "\n" not in str(error.value)
 
 
+def folder_settings(**folders):
+    """The committed data params with `data.dataset: folders` and these `data.folders` keys."""
+    raw = Params.load(REPO_PARAMS).model_dump()
+    raw["data"].update(dataset="folders", val_size=0.2)
+    raw["data"]["folders"].update(folders)
+    return Params.from_dict(raw).data
+
+
+def test_a_dataset_of_folders_takes_its_classes_from_the_folder_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_folder(tmp_path / "data/own/mine", {"zebra": 10, "apple": 10, "mango": 5})
+    settings = folder_settings(name="mine", train="data/own/mine", test="", test_size=0.2)
+    assert settings.contrast_spec is None  # auto: nothing to contrast a dataset of anything with
+    card = prepare(settings, tmp_path / "data/raw").card
+    assert card["dataset"] == "mine" and card["source"] == "folders"
+    assert card["class_names"] == ["apple", "mango", "zebra"]
+    assert card["per_class"]["test"] == {"apple": 2, "mango": 1, "zebra": 2}  # a stratified fifth
+    assert sum(card["images"].values()) == 25
+    make_folder(tmp_path / "data/own/mine-test", {"apple": 3, "zebra": 2})  # a test folder may lack a class
+    tested = prepare(
+        settings.model_copy(update={"folders": settings.folders.model_copy(update={"test": "data/own/mine-test"})}),
+        tmp_path,
+    )
+    assert tested.card["per_class"]["test"] == {"apple": 3, "mango": 0, "zebra": 2}
+    assert tested.card["images"]["train"] + tested.card["images"]["val"] == 25
+
+
+def test_a_dataset_of_folders_needs_2_to_100_classes_each_with_images(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = folder_settings(train="data/own/mine")
+    make_folder(tmp_path / "data/own/mine", {"apple": 4})
+    with pytest.raises(ConfigError, match=r"data/own/mine: 1 class folders \(apple\); a dataset takes 2 to 100"):
+        prepare(settings, tmp_path)
+    (tmp_path / "data/own/mine/pear").mkdir()
+    with pytest.raises(ConfigError, match="class folders with no image files: pear"):
+        prepare(settings, tmp_path)
+    make_folder(tmp_path / "data/own/test", {"apple": 1, "pears": 1})
+    (tmp_path / "data/own/mine/pear/p.jpg").write_bytes(photo(1))
+    with pytest.raises(ConfigError, match="'pears' is not a class name; expected one of apple, pear"):
+        prepare(
+            settings.model_copy(update={"folders": settings.folders.model_copy(update={"test": "data/own/test"})}),
+            tmp_path,
+        )
+
+
+def test_dataset_folders_must_be_where_the_prepare_stage_looks():
+    with pytest.raises(ConfigError) as error:
+        folder_settings(train="/home/me/pictures")
+    assert str(error.value) == (
+        "params.yaml: data.folders.train is '/home/me/pictures': this folder goes in data/own/ (the prepare stage's "
+        "dependency)"
+    )
+    with pytest.raises(ConfigError) as error:
+        folder_settings(name="My Images")
+    assert str(error.value).startswith("params.yaml: data.folders.name is 'My Images': lowercase letters, digits")
+
+
 def test_the_held_out_share_follows_the_file_name_alone():
     names = [f"Bag/{n}.png" for n in range(2000)]
     mask = held_out(names, 0.2)
@@ -123,16 +180,16 @@ def test_feedback_images_keep_what_a_person_did_until_a_newer_label(tmp_path, mo
     monkeypatch.setattr(feedback_data, "MANIFEST", tmp_path / "feedback.json")
     pixels = np.arange(784, dtype=np.uint8).tobytes()
     now = time.time()
-    assert feedback_data.write_folder({"ab": (now, 3, pixels)}, CLASSES, folder)["added"] == 1
+    assert feedback_data.write_folder({"ab": (now, "Dress", pixels)}, folder)["added"] == 1
     written = folder / "Dress" / "ab.png"
     assert np.asarray(Image.open(written)).tobytes() == pixels
     (folder / "Coat").mkdir()
     written.rename(folder / "Coat" / "ab.png")  # a person relabels it by moving the file
-    assert feedback_data.write_folder({"ab": (now, 3, pixels)}, CLASSES, folder)["unchanged"] == 1
+    assert feedback_data.write_folder({"ab": (now, "Dress", pixels)}, folder)["unchanged"] == 1
     assert (folder / "Coat" / "ab.png").exists() and not written.exists()
-    relabelled = feedback_data.write_folder({"ab": (now + 1, 8, pixels)}, CLASSES, folder)  # a newer label
+    relabelled = feedback_data.write_folder({"ab": (now + 1, "Bag", pixels)}, folder)  # a newer label
     assert relabelled["relabelled"] == 1 and sorted(folder.glob("*/ab.png")) == [folder / "Bag" / "ab.png"]
-    feedback_data.write_folder({"cd": (now, 0, pixels)}, CLASSES, folder)
+    feedback_data.write_folder({"cd": (now, "T-shirt/top", pixels)}, folder)
     assert (folder / "T-shirt_top" / "cd.png").exists()  # a class folder for T-shirt/top
     assert read_folder(folder, CLASSES, 28).labels.tolist() == [8, 0]  # and back: every file a class
 

@@ -13,7 +13,7 @@ from bentoml.exceptions import BentoMLException
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.serving_fixtures import MODEL_NAME, png, serving
+from tests.serving_fixtures import MODEL_NAME, png, serving, small_metadata
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +98,7 @@ def test_open_inference_protocol_health_and_metadata(triton_client, server, serv
         "out_of_distribution": ("BOOL", [-1]),
         "prediction_id": ("BYTES", [-1]),
     }
+    assert metadata["parameters"]["class_names"] == small_metadata()["class_names"]
     version = served_model["tag"].split(":")[1]
     assert metadata["versions"] == [version]
     assert triton_client.is_model_ready(MODEL_NAME, model_version=version)

@@ -42,3 +42,10 @@ def test_resuming_a_run_the_store_lacks_is_a_clear_error(monkeypatch, tmp_path):
         tracking.start_run(run_id="0" * 32),
     ):
         pass
+
+
+def test_a_password_in_a_tracking_uri_never_reaches_a_message():
+    assert tracking.shown_uri("postgresql+psycopg://mlflow:p%40ss:w0rd@127.0.0.1:5432/mlflow") == (
+        "postgresql+psycopg://mlflow:***@127.0.0.1:5432/mlflow"
+    )
+    assert tracking.shown_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training.datasets import DATASETS, DatasetSpec, get_spec
+from training.datasets import DATASETS, FOLDERS, DatasetSpec, folders_spec, get_spec
 from training.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
@@ -39,6 +39,7 @@ REPORT_FIGURES_DIR = REPORTS_DIR / "figures"
 CONTRAST_DIR = Path("data/contrast")  # the contrast dataset's test images, for the OOD score's AUROC
 CHALLENGER_FILE = Path("challenger.json")  # the select stage's choice, which the gate stage weighs
 CHAMPION_FILE = Path("champion.json")  # the served model: the gate stage's decision
+OWN_DIR = Path("data/own")  # `data.dataset: folders`: the user's own dataset, as image folders
 EXTRA_DIR = Path("data/extra")  # image folders of extra training data (`data.extra`), feedback's among them
 FEEDBACK_DIR = EXTRA_DIR / "feedback"  # `make feedback-data`: labelled predictions of the prediction log
 EXPORT_DIR = Path("export")
@@ -76,6 +77,45 @@ class SubsetSizes(Group):
     test: Count
 
 
+def count_or_fraction(size: float) -> float:
+    """A split's size: a count of images (1 or more), or a fraction between 0 and 1."""
+    if not (0 < size < 1 or (isinstance(size, int) and size >= 1)):
+        raise ValueError("expected a count of images (1 or more) or a fraction between 0 and 1")
+    return size
+
+
+def under(folder: str, parent: Path, why: str) -> str:
+    """`folder`, checked to lie in `parent` (a stage dependency, so that DVC sees its files change)."""
+    path = Path(folder)
+    if path.is_absolute() or parent not in path.parents:
+        raise ValueError(f"this folder goes in {parent}/ ({why})")
+    return folder
+
+
+class FolderDataset(Group):
+    """`data.dataset: folders`: the user's own images, `<folder>/<class name>/<image>`, 2 to 100 classes."""
+
+    name: str  # names the MLflow experiment, the registered model and the BentoML model
+    train: str
+    test: str  # "": a seeded stratified `test_size` of `train` is the test set
+    test_size: int | float
+    hflip: bool  # whether a mirrored image is still of its class: the models' hflip and the mirror TTA view
+
+    _test_size = field_validator("test_size")(count_or_fraction)
+
+    @field_validator("name")
+    @classmethod
+    def _a_name_for_every_store(cls, name: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
+            raise ValueError("lowercase letters, digits, '.', '_' and '-' (a BentoML model's name is made of it)")
+        return name
+
+    @field_validator("train", "test")
+    @classmethod
+    def _where_dvc_sees_them(cls, folder: str) -> str:
+        return folder and under(folder, OWN_DIR, "the prepare stage's dependency")
+
+
 class DataSettings(Group):
     dataset: str
     contrast: str  # a dataset unlike `dataset`, whose test images measure the OOD score: auto, a name, or ""
@@ -86,22 +126,34 @@ class DataSettings(Group):
     csv: SplitFiles
     extra: list[str]  # image folders under data/extra/, `<folder>/<class name>/<image>`, added to the training data
     extra_holdout: Annotated[float, Field(gt=0, lt=1)]  # share of each extra folder held out as its own test set
+    folders: FolderDataset
 
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
-        try:
-            get_spec(name)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+        if name != FOLDERS:
+            cls._official(name)
         return name
 
     @field_validator("contrast")
     @classmethod
     def _known_contrast(cls, name: str) -> str:
         if name not in ("auto", ""):
-            cls._known_dataset(name)
+            cls._official(name)
         return name
+
+    @staticmethod
+    def _official(name: str) -> None:
+        try:
+            get_spec(name)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSettings:
+        if self.from_folders and (self.csv.train or self.csv.test):
+            raise ValueError("data.csv holds the official datasets' classes; with dataset: folders, leave it empty")
+        return self
 
     @field_validator("extra")
     @classmethod
@@ -117,22 +169,29 @@ class DataSettings(Group):
             raise ValueError(f"two extra folders of one name: {names}")
         return folders
 
-    @field_validator("val_size")
-    @classmethod
-    def _count_or_fraction(cls, size: float) -> float:
-        if not (0 < size < 1 or (isinstance(size, int) and size >= 1)):
-            raise ValueError("expected a count of images (1 or more) or a fraction between 0 and 1")
-        return size
+    _val_size = field_validator("val_size")(count_or_fraction)
+
+    @property
+    def from_folders(self) -> bool:
+        return self.dataset == FOLDERS
+
+    @property
+    def name(self) -> str:
+        """The dataset's name: an official one's, or `data.folders.name`."""
+        return self.folders.name if self.from_folders else self.dataset
 
     @property
     def spec(self) -> DatasetSpec:
+        if self.from_folders:
+            return folders_spec(self.folders.name, self.folders.train, self.folders.hflip)
         return get_spec(self.dataset)
 
     @property
     def contrast_spec(self) -> DatasetSpec | None:
-        """`contrast` resolved: auto is the other official dataset (MNIST digits for Fashion-MNIST and back)."""
+        """`contrast` resolved: auto is the other official dataset (MNIST digits for Fashion-MNIST and back), and
+        none for image folders, which may hold anything."""
         if self.contrast == "auto":
-            return next(spec for name, spec in DATASETS.items() if name != self.dataset)
+            return None if self.from_folders else next(s for n, s in DATASETS.items() if n != self.dataset)
         return get_spec(self.contrast) if self.contrast else None
 
 
@@ -335,15 +394,15 @@ class Params(Group):
 
     @property
     def experiment_name(self) -> str:
-        return self.mlflow.experiment.format(dataset=self.data.dataset)
+        return self.mlflow.experiment.format(dataset=self.data.name)
 
     @property
     def registered_model_name(self) -> str:
-        return self.mlflow.registered_model.format(dataset=self.data.dataset)
+        return self.mlflow.registered_model.format(dataset=self.data.name)
 
     @property
     def bentoml_model_name(self) -> str:
-        return self.export.bentoml_model.format(dataset=self.data.dataset)
+        return self.export.bentoml_model.format(dataset=self.data.name)
 
 
 def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str | int], Any]:

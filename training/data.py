@@ -171,15 +171,26 @@ class PreparedDataset:
     card: dict
 
 
-def load_sources(settings: DataSettings, raw_dir: Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """(images, labels) of the training pool and of the test set: the user's CSVs if set, else the idx files."""
-    num_classes = len(settings.spec.class_names)
+@dataclass
+class Sources:
+    """What a dataset's files hold: the training pool, the test set (each images and labels), the class names
+    and the kind of files they came from."""
+
+    pool: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+    class_names: list[str]
+    kind: str  # idx, csv or folders
+
+
+def load_sources(settings: DataSettings, raw_dir: Path) -> Sources:
+    """An official dataset's training pool and test set: the user's CSVs if set, else the idx files."""
+    class_names = list(settings.spec.class_names)
     if settings.csv.train:
-        return load_csv(Path(settings.csv.train), num_classes), load_csv(Path(settings.csv.test), num_classes)
-    return (
-        load_idx_pair(raw_dir / datasets.TRAIN_IMAGES, raw_dir / datasets.TRAIN_LABELS, num_classes),
-        load_idx_pair(raw_dir / datasets.TEST_IMAGES, raw_dir / datasets.TEST_LABELS, num_classes),
-    )
+        pool, test = (load_csv(Path(path), len(class_names)) for path in (settings.csv.train, settings.csv.test))
+        return Sources(pool, test, class_names, "csv")
+    pool = load_idx_pair(raw_dir / datasets.TRAIN_IMAGES, raw_dir / datasets.TRAIN_LABELS, len(class_names))
+    test = load_idx_pair(raw_dir / datasets.TEST_IMAGES, raw_dir / datasets.TEST_LABELS, len(class_names))
+    return Sources(pool, test, class_names, "idx")
 
 
 def subset(images: np.ndarray, labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -190,11 +201,10 @@ def subset(images: np.ndarray, labels: np.ndarray, size: int, seed: int) -> tupl
     return images[keep], labels[keep]
 
 
-def prepare_dataset(settings: DataSettings, raw_dir: Path) -> PreparedDataset:
-    """Parse the sources, take the subsets, split train/validation (stratified) and describe the result."""
-    spec = settings.spec
-    num_classes = len(spec.class_names)
-    (x_pool, y_pool), (x_test, y_test) = load_sources(settings, raw_dir)
+def prepare_dataset(settings: DataSettings, sources: Sources) -> PreparedDataset:
+    """Take the subsets, split train/validation (stratified) and describe the result."""
+    class_names, num_classes = sources.class_names, len(sources.class_names)
+    (x_pool, y_pool), (x_test, y_test) = sources.pool, sources.test
     x_pool, y_pool = subset(x_pool, y_pool, settings.subset.train, settings.seed)
     x_test, y_test = subset(x_test, y_test, settings.subset.test, settings.seed)
     train_idx, val_idx = stratified_split(y_pool, settings.val_size, settings.seed)
@@ -210,16 +220,16 @@ def prepare_dataset(settings: DataSettings, raw_dir: Path) -> PreparedDataset:
     )
     train_pixels = prepared.images("train").astype(np.float32) / 255.0
     card = {
-        "dataset": spec.name,
-        "source": "csv" if settings.csv.train else "idx",
-        "class_names": list(spec.class_names),
+        "dataset": settings.name,
+        "source": sources.kind,
+        "class_names": class_names,
         "image_shape": list(IMAGE_SHAPE),
         "sha256": prepared.digest(),
         "pixel_mean": float(train_pixels.mean()),
         "pixel_std": float(train_pixels.std()),
         "images": {split: len(prepared.labels(split)) for split in SPLITS},
         "per_class": {
-            split: dict(zip(spec.class_names, class_counts(prepared.labels(split), num_classes), strict=True))
+            split: dict(zip(class_names, class_counts(prepared.labels(split), num_classes), strict=True))
             for split in SPLITS
         },
     }

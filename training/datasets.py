@@ -1,4 +1,5 @@
-"""The single source of truth for the datasets: official files, checksums, classes, image shape."""
+"""The single source of truth for the datasets: official files, checksums, classes, image shape; and what a
+dataset of the user's own image folders (`data.dataset: folders`) has in their place."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ class DatasetSpec:
     class_names: tuple[str, ...]
     hflip_ok: bool  # whether a horizontally flipped image is still an image of its class
     upload_fit: int  # an uploaded object's longest side, in pixels, as the dataset was made
+    folder: str = ""  # a dataset of image folders: its training folder
+
+    @property
+    def home(self) -> str:
+        """Where its images come from, for MLflow's dataset inputs: the first official URL, or the folder."""
+        return self.urls[0] if self.urls else self.folder
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -72,10 +79,19 @@ DATASETS: dict[str, DatasetSpec] = {
         upload_fit=20,  # MNIST: digits fit a 20x20 box, centred in 28x28
     ),
 }
+FOLDERS = "folders"  # data.dataset for the user's own image folders (data.folders): classes from folder names
+FOLDER_UPLOAD_FIT = 28  # an image folder's objects, like uploads, scaled to fill the input on the longest side
+MIN_CLASSES, MAX_CLASSES = 2, 100
+
+
+def folders_spec(name: str, train_folder: str, hflip_ok: bool) -> DatasetSpec:
+    """A dataset of image folders: no files to fetch, and class names that only the folders can tell (the
+    prepare stage reads them; every later stage takes them from its dataset card)."""
+    return DatasetSpec(name, (), {}, (), hflip_ok, FOLDER_UPLOAD_FIT, train_folder)
 
 
 def get_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {[*sorted(DATASETS), FOLDERS]}") from None

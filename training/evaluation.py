@@ -20,9 +20,11 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    outputs = [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    # an empty split still runs one (empty) batch: its logits have the model's number of classes as columns
+    batches = range(0, max(len(images), 1), batch_size)
+    outputs = [model(images[i : i + batch_size].to(device)).float().cpu() for i in batches]
     model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.empty(0, 10)
+    return torch.cat(outputs)
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

@@ -12,7 +12,6 @@ from training import tracking
 from training.checkpoint import new_model
 from training.config import Params
 from training.data import Prepared
-from training.datasets import get_spec
 from training.distributed import Distributed
 from training.models import count_parameters
 from training.trainer import seed_everything, train
@@ -46,7 +45,7 @@ def train_zoo_model(
     with tracking.start_run(run_name=name, tags=tracking.run_tags(card["sha256"]), log_system_metrics=True) as active:
         splits = {"train": "train", "validation": "val", "test": "test"}  # MLflow's context: our split name
         digests = {context: prepared.digest(split) for context, split in splits.items()}
-        tracking.log_datasets(card["dataset"], digests, get_spec(card["dataset"]).urls[0])
+        tracking.log_datasets(card["dataset"], digests, params.data.spec.home)
         mlflow.log_params(
             tracking.flatten(
                 {

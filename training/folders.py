@@ -1,6 +1,8 @@
 """Image folders as data: `<folder>/<class name>/<any image file>`, converted by the service's own preprocessing,
-so an image trains the model exactly as it would be served. A share of each folder, chosen by a hash of the
-file's name, is held out as that folder's own test set."""
+so an image trains the model exactly as it would be served. They are a whole dataset of the user's own
+(`data.dataset: folders`, class names from the folder names), or extra training data for any dataset
+(`data.extra`), of which a share, chosen by a hash of each file's name, is held out as that folder's own test
+set."""
 
 from __future__ import annotations
 
@@ -12,8 +14,17 @@ import numpy as np
 
 from serving.preprocess import MAX_IMAGE_PIXELS, ImageError, image_to_input
 from training.config import DataSettings
-from training.data import SPLITS, Prepared, PreparedDataset, class_counts
-from training.datasets import IMAGE_SHAPE
+from training.data import (
+    SPLITS,
+    Prepared,
+    PreparedDataset,
+    Sources,
+    class_counts,
+    load_sources,
+    prepare_dataset,
+    stratified_split,
+)
+from training.datasets import IMAGE_SHAPE, MAX_CLASSES, MIN_CLASSES
 from training.errors import ConfigError, PipelineError
 
 
@@ -69,6 +80,43 @@ def read_folder(folder: Path, class_names: list[str], upload_fit: int) -> ImageF
             raise FolderFormatError(f"{path}: {exc}") from None
     labels = np.array([label for _, label in files], np.uint8)
     return ImageFolder(images, labels, [path.relative_to(folder).as_posix() for path, _ in files])
+
+
+def folder_classes(folder: Path) -> list[str]:
+    """A dataset folder's class names: its subfolders' names, sorted; 2 to 100 of them, each with files."""
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such folder (expected {folder}/<class name>/<image files>)")
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not MIN_CLASSES <= len(names) <= MAX_CLASSES:
+        raise ConfigError(
+            f"{folder}: {len(names)} class folders ({', '.join(names) or 'none'}); a dataset takes "
+            f"{MIN_CLASSES} to {MAX_CLASSES}, one folder per class"
+        )
+    empty = [name for name in names if not any(p.is_file() for p in (folder / name).rglob("[!.]*"))]
+    if empty:
+        raise ConfigError(f"{folder}: class folders with no image files: {', '.join(empty)}")
+    return names
+
+
+def load_folders(settings: DataSettings) -> Sources:
+    """`data.folders` as a dataset: the training folder's classes and images; the test folder's images, or a
+    seeded stratified `test_size` of the training folder's."""
+    folders = settings.folders
+    class_names = folder_classes(Path(folders.train))
+    pool = read_folder(Path(folders.train), class_names, settings.spec.upload_fit)
+    if folders.test:
+        test = read_folder(Path(folders.test), class_names, settings.spec.upload_fit)
+        return Sources((pool.images, pool.labels), (test.images, test.labels), class_names, "folders")
+    rest, chosen = stratified_split(pool.labels, folders.test_size, settings.seed)
+    return Sources(
+        (pool.images[rest], pool.labels[rest]), (pool.images[chosen], pool.labels[chosen]), class_names, "folders"
+    )
+
+
+def prepare(settings: DataSettings, raw_dir: Path) -> PreparedDataset:
+    """The prepare stage's data: the dataset (official files, CSVs or folders), split, with `data.extra`."""
+    sources = load_folders(settings) if settings.from_folders else load_sources(settings, raw_dir)
+    return add_extra_folders(prepare_dataset(settings, sources), settings)
 
 
 def held_out(names: list[str], share: float) -> np.ndarray:

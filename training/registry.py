@@ -11,6 +11,7 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from training import tracking
 from training.errors import PipelineError
 
 PREVIOUS = "previous"
@@ -152,7 +153,7 @@ def roll_back(name: str, alias: str, when: str) -> tuple[Version, Version]:
     if current is None or previous is None:
         raise PipelineError(
             f"nothing to roll back to: {name} has no {alias if current is None else PREVIOUS!r} alias "
-            f"in {mlflow.get_tracking_uri()}"
+            f"in {tracking.shown_uri()}"
         )
     older = [
         v

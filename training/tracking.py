@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
@@ -28,6 +32,12 @@ def repo_root() -> Path:
 def tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI (a remote server) when set, else a SQLite store at the repo root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def shown_uri(uri: str | None = None) -> str:
+    """A tracking URI (the active one by default) fit for a message: a password in it replaced by `***`."""
+    uri = uri or mlflow.get_tracking_uri()
+    return re.sub(r"(//[^/:@]*):[^/@]*@", r"\1:***@", uri)
 
 
 def setup(experiment: str) -> str:
@@ -69,11 +79,21 @@ def run_tags(dataset_sha256: str) -> dict[str, str]:
     }
 
 
-def log_datasets(name: str, digests: dict[str, str], source_url: str) -> None:
+def dataset_source(home: str) -> DatasetSource:
+    """An official dataset's home URL, or an image folder's path, as MLflow's source of a dataset input."""
+    if home.startswith(("http://", "https://")):
+        return HTTPDatasetSource(home)
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice (for "" and file://) and says so
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(home)
+
+
+def log_datasets(name: str, digests: dict[str, str], home: str) -> None:
     """The prepared splits as the active run's MLflow dataset inputs (the runs list's Dataset column and
-    filter): the dataset's name, each split's digest, the official files' home as source, the split as context."""
+    filter): the dataset's name, each split's digest, where its images come from as source, the split as
+    context."""
     for split, digest in digests.items():
-        source = HTTPDatasetSource(source_url)
+        source = dataset_source(home)
         dataset = MetaDataset(source, name=name, digest=digest[:DIGEST_CHARS])  # type: ignore[abstract]
         mlflow.log_input(dataset, context=split)
 
@@ -102,7 +122,7 @@ def start_run(**kwargs):
                 raise
             raise PipelineError(
                 f"MLflow run {kwargs['run_id']}, logged when the model was trained, is not in the "
-                f"tracking store {mlflow.get_tracking_uri()}: point MLFLOW_TRACKING_URI at the store "
+                f"tracking store {shown_uri()}: point MLFLOW_TRACKING_URI at the store "
                 "it was logged to, or retrain the model (`dvc repro --force train@<model>`)"
             ) from None
     run = mlflow.start_run(**kwargs)
