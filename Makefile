@@ -31,10 +31,14 @@ export DATASET_MIRROR ?= $(if $(wildcard $(SHARED_DATASETS)),$(SHARED_DATASETS)/
 # DVC stages call `python`: the project's environment.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
+# Telemetry off for every tool a target runs (docs/security.md, "Telemetry").
+include serving/telemetry.env
+export $(shell sed -n 's/^\([A-Z_]*\) ?=.*/\1/p' serving/telemetry.env)
 HOST ?= 127.0.0.1
 PORT ?= 3000
+UI_PORT ?= 5000
 
-.PHONY: setup requirements test-tools run run-full push pull lint test test-fast ui mlflow-server serve monitor feedback-data retrain rollback doctor bench \
+.PHONY: setup requirements audit test-tools run run-full push pull lint test test-fast ui mlflow-server serve monitor feedback-data retrain rollback doctor bench \
 	bench-sweep bench-train bench-photos bench-headers docs clean
 
 setup: $(VENV)/.installed
@@ -52,6 +56,13 @@ $(VENV)/.installed: $(UV) uv.lock pyproject.toml
 # with every package they pull in pinned to the version in uv.lock. Run after `uv lock`; a test checks it.
 requirements: $(UV)
 	$(UV) export --quiet --frozen --no-dev --no-hashes --no-header --no-emit-project --output-file serving/requirements.txt
+
+# Known vulnerabilities in every locked package (pip-audit, PyPI's advisories; pipelines/audit.py). AUDIT_ARGS
+# reaches pip-audit, e.g. `AUDIT_ARGS="-s osv --osv-url https://osv.example/v1/query"` for an OSV mirror.
+audit: setup
+	@mkdir -p build
+	$(UV) export --quiet --frozen --extra pipeline --extra cpu --all-groups --no-hashes --no-header --no-emit-project --output-file build/requirements-audit.txt
+	$(BIN)/python -m pipelines.audit build/requirements-audit.txt
 
 run: setup
 	$(BIN)/dvc repro
@@ -91,7 +102,7 @@ test-fast: setup
 	$(BIN)/pytest -m "not slow"
 
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --host $(HOST) --port 5000
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --host $(HOST) --port $(UI_PORT)
 
 # MLflow for a team: a tracking server on PostgreSQL with proxied artifacts (training/tracking_server.py);
 # every clone logs to it with MLFLOW_TRACKING_URI=http://<host>:5000.
@@ -99,11 +110,11 @@ mlflow-server: setup
 	$(BIN)/python -m training.tracking_server --host $(HOST)
 
 serve: setup
-	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve serving.service:Classifier --host $(HOST) --port $(PORT)
+	$(BIN)/bentoml serve serving.service:Classifier --host $(HOST) --port $(PORT)
 
 # A drift and quality report on the served traffic: the last 24 h, `SINCE=<ISO time>` or `LAST=<N>` predictions.
 monitor: setup
-	DO_NOT_TRACK=1 $(BIN)/python -m monitoring.report $(if $(SINCE),--since $(SINCE)) $(if $(LAST),--last $(LAST))
+	$(BIN)/python -m monitoring.report $(if $(SINCE),--since $(SINCE)) $(if $(LAST),--last $(LAST))
 
 # The labelled predictions of the prediction log as images, data/extra/feedback/<class>/<sha256>.png (DVC-tracked).
 feedback-data: setup
@@ -122,24 +133,24 @@ rollback: setup
 # What this machine offers the served model: torch and CUDA, onnxruntime's providers, what SERVING_DEVICE and
 # SERVING_PRECISION resolve to, and a 3-second throughput probe per usable provider and precision.
 doctor: setup
-	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m serving.doctor
+	$(BIN)/python -m serving.doctor
 
 # ... and the prediction log's cost: on against off, a 60-s soak, an unwritable log folder.
 bench: setup
-	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.serving
-	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.prediction_log
+	$(BIN)/python -m benchmarks.serving
+	$(BIN)/python -m benchmarks.prediction_log
 
 # Our service under other splits of the CPUs into workers and threads, and other batch caps.
 bench-sweep: setup
-	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.serving_sweep
+	$(BIN)/python -m benchmarks.serving_sweep
 
 # The served champion on phone photos stored upright and sideways (EXIF orientation).
 bench-photos: setup
-	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.phone_photos
+	$(BIN)/python -m benchmarks.phone_photos
 
 # What 64 connections with 8 MB header lines do to the workers' memory.
 bench-headers: setup
-	BENTOML_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.header_flood
+	$(BIN)/python -m benchmarks.header_flood
 
 # Our trainer against a tutorial-style DataLoader loop; needs the prepared data (`make run`).
 bench-train: setup

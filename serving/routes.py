@@ -201,7 +201,8 @@ async def demo_page() -> RedirectResponse:
 
 async def client_error(request: Request, exc: Exception) -> Response:
     """A refused request: the client gets the reason, and so does the log (with or without access logging)."""
-    assert isinstance(exc, ClientError)
+    if not isinstance(exc, ClientError):  # registered for ClientError only
+        raise exc
     log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
     return json_response({"error": exc.message}, exc.status, exc.headers)
 

@@ -314,7 +314,9 @@ def test_wrong_content_type_is_415_and_missing_field_400(server, model):
 @pytest.mark.parametrize("route", ["/predict", "/api/predict"])
 def test_two_files_in_the_image_field_are_400_naming_it(server, model, route):
     image = png(model["x"][0, 0])
-    response = requests.post(f"{server.url}{route}", files=[("image", ("a.png", image)), ("image", ("b.png", image))])
+    response = requests.post(
+        f"{server.url}{route}", files=[("image", ("a.png", image)), ("image", ("b.png", image))], timeout=30
+    )
     assert response.status_code == 400 and "2 files in multipart field `image`" in response.text, response.text
 
 
@@ -324,7 +326,9 @@ def test_phone_photos_stored_sideways_classify_like_their_upright_twins(server, 
 
     def label(i: int, stored: int) -> int:
         photo = phone_photo(model["x"][i, 0], stored, seed=i)
-        response = requests.post(f"{server.url}/predict", files={"image": ("photo.jpg", photo, "image/jpeg")})
+        response = requests.post(
+            f"{server.url}/predict", files={"image": ("photo.jpg", photo, "image/jpeg")}, timeout=30
+        )
         assert response.status_code == 200, response.text
         return response.json()["label"]
 
@@ -411,6 +415,7 @@ def test_bentoml_build_packages_the_model_and_the_bento_serves(model, tmp_path):
     assert pins == pinned(REQUIREMENTS.read_text()) and unlocked_or_missing(pins) == []
     assert not (bento / "env" / "python" / "requirements.lock.txt").exists()  # nothing re-resolved at build
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "ENV BENTOML_DO_NOT_TRACK=" in dockerfile and "ENV ORT_DISABLE_TELEMETRY=" in dockerfile  # telemetry off
     users = re.findall(r"^USER\s+(\S+)", dockerfile, flags=re.MULTILINE)
     assert users and users[-1] not in ("root", "0"), dockerfile
     assert re.search(r"^FROM nvidia/cuda:12\.\S+-cudnn-runtime", dockerfile, flags=re.MULTILINE), (

@@ -63,7 +63,8 @@ def export_onnx(model: ServingModel, path: Path, metadata: dict[str, object]) ->
         output_names=list(OUTPUT_NAMES),
         dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1 << 20)}},
     )
-    assert program is not None  # dynamo=True always returns the program
+    if program is None:  # dynamo=True always returns the program
+        raise RuntimeError("torch.onnx.export returned no ONNX program")
     props = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     props["input_spec"] = json.dumps(input_spec())
     save_checked(program.model_proto, path, props)
