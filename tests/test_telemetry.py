@@ -103,37 +103,40 @@ def test_the_listener_sees_a_tool_whose_telemetry_is_on(proxy):
     assert any("bentoml.com" in line for line in settled(proxy, 3)), proxy.requests
 
 
-def test_make_serve_sends_nothing(proxy, served_model, tmp_path):
-    """Served for over a minute: onnxruntime uploads its telemetry after about 60 s of a session."""
-    port = free_port()
-    env = user_env(
+def test_make_serve_dvc_repro_and_the_mlflow_ui_send_nothing(proxy, served_model, shared_datasets, tmp_path):
+    """`dvc repro` runs while `make serve` is up, which is served for over a minute: onnxruntime uploads its
+    telemetry after about 60 s of a session."""
+    repo = copy_repo(tmp_path / "repo")
+    tiny_params(repo)
+    stage_vars = stage_env(shared_datasets, tmp_path / "bentoml")
+    repro_env = user_env(proxy, **{k: v for k, v in stage_vars.items() if "PATH" in k
+                                   or k.startswith(("DATASET", "BENTOML_HOME"))})  # fmt: skip
+    serve_env = user_env(
         proxy,
         BENTOML_HOME=str(served_model["home"]),
         BENTO_MODEL_TAG=f"{MODEL_NAME}:latest",
         SERVING_PREDICTION_LOG="false",
     )
-    with make_target(["serve", f"PORT={port}"], env, f"http://127.0.0.1:{port}/readyz", tmp_path / "serve.log"):
-        image = png(served_model["x"][0, 0])
-        for _ in range(8):
-            answer = requests.post(f"http://127.0.0.1:{port}/predict", files={"image": ("x.png", image)}, timeout=30)
-            assert answer.status_code == 200
-            time.sleep(10)
-    assert settled(proxy) == []
-
-
-def test_dvc_repro_and_the_mlflow_ui_send_nothing(proxy, shared_datasets, tmp_path):
-    repo = copy_repo(tmp_path / "repo")
-    tiny_params(repo)
-    env = user_env(proxy, **{k: v for k, v in stage_env(shared_datasets, tmp_path / "bentoml").items() if "PATH" in k
-                             or k.startswith(("DATASET", "BENTOML_HOME"))})  # fmt: skip
-    done = subprocess.run([str(VENV_BIN / "dvc"), "repro"], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
     port = free_port()
-    target = ["ui", f"UI_PORT={port}", f"MLFLOW_DB=sqlite:///{repo / 'mlflow.db'}"]
-    with make_target(target, user_env(proxy), f"http://127.0.0.1:{port}/health", tmp_path / "ui.log"):
+    image = png(served_model["x"][0, 0])
+
+    def predict() -> None:
+        answer = requests.post(f"http://127.0.0.1:{port}/predict", files={"image": ("x.png", image)}, timeout=30)
+        assert answer.status_code == 200, answer.text
+
+    with make_target(["serve", f"PORT={port}"], serve_env, f"http://127.0.0.1:{port}/readyz", tmp_path / "serve.log"):
+        served_since = time.monotonic()
+        predict()
+        done = subprocess.run([str(VENV_BIN / "dvc"), "repro"], cwd=repo, env=repro_env, capture_output=True,
+                              text=True, timeout=900)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        time.sleep(max(0.0, 80 - (time.monotonic() - served_since)))
+        predict()
+    ui_port = free_port()
+    target = ["ui", f"UI_PORT={ui_port}", f"MLFLOW_DB=sqlite:///{repo / 'mlflow.db'}"]
+    with make_target(target, user_env(proxy), f"http://127.0.0.1:{ui_port}/health", tmp_path / "ui.log"):
         experiments = requests.get(
-            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5", timeout=30
+            f"http://127.0.0.1:{ui_port}/api/2.0/mlflow/experiments/search?max_results=5", timeout=30
         )
         assert "fashion-mnist" in {e["name"] for e in experiments.json()["experiments"]}
     assert settled(proxy) == []
