@@ -3,14 +3,10 @@
 import json
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 from mlflow import MlflowClient
 
@@ -161,70 +157,6 @@ def test_second_repro_runs_nothing(pipeline):
     log = run([str(VENV_BIN / "dvc"), "repro"], repo, env)
     assert "Data and pipelines are up to date." in log
     assert "Running stage" not in log
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            str(VENV_BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not become healthy in 120 s")
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
-
-
-def test_logs_to_a_real_mlflow_server_with_identical_metrics(pipeline, mlflow_server):
-    """Re-running a model's stages against a server gives the same metrics (same params, CPU)."""
-    repo, env, _ = pipeline
-    model = ZOO[0]
-    before = json.loads((repo / f"metrics/{model}.json").read_text())
-    server_env = {**env, "MLFLOW_TRACKING_URI": mlflow_server}
-    run([sys.executable, "-m", "pipelines.train", model], repo, server_env)
-    run([sys.executable, "-m", "pipelines.evaluate", model], repo, server_env)
-    after = json.loads((repo / f"metrics/{model}.json").read_text())
-    assert {k: v for k, v in after.items() if k not in ("train_seconds", "images_per_second")} == {
-        k: v for k, v in before.items() if k not in ("train_seconds", "images_per_second")
-    }
-    client = MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("fashion-mnist").experiment_id])
-    assert [r.info.run_name for r in runs] == [model]
-    assert runs[0].data.metrics["test_accuracy"] == pytest.approx(after["test_accuracy"])
-    assert any(
-        a.path == "evaluation/confusion_matrix.png" for a in client.list_artifacts(runs[0].info.run_id, "evaluation")
-    )
 
 
 def test_dvc_exp_run_in_a_temp_copy_logs_to_the_repo_store(pipeline):

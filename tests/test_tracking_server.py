@@ -2,6 +2,7 @@
 PostgreSQL (Debian's, installed where missing and started on loopback) that needs its generated password, with
 proxied artifacts, and the tiny `dvc repro` logging to it as the admin."""
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +27,12 @@ from training.tracking_server import (
 )
 
 pytestmark = pytest.mark.slow
+TIMINGS = ("train_seconds", "images_per_second")
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=10"
+
+
+def without_timings(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in TIMINGS}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +122,9 @@ def test_the_database_needs_its_password(team_server):
     assert all(path.stat().st_mode & 0o777 == 0o600 for path in secret_files(team_server["home"]).values())
 
 
-def test_the_tiny_pipeline_logs_everything_to_the_server_as_its_admin(team_server, shared_datasets, tmp_path):
+def test_the_tiny_pipeline_logs_everything_to_the_server_as_its_admin(team_server, pipeline, shared_datasets, tmp_path):
+    """Every run, metric history, dataset input and artifact lands on the server, and the metrics equal those of
+    the same params logged to the local store (the session's tiny pipeline): same params, same metrics on CPU."""
     server, backend, (user, password) = team_server["server"], team_server["backend"], team_server["admin"]
     repo = copy_repo(tmp_path / "repo")
     tiny_params(repo)
@@ -129,6 +137,10 @@ def test_the_tiny_pipeline_logs_everything_to_the_server_as_its_admin(team_serve
     }
     pipeline_log = run([str(VENV_BIN / "dvc"), "repro"], repo, env, timeout=900)
     assert not (repo / "mlflow.db").exists()  # nothing went to the local store
+    local_repo = pipeline[0]
+    for model in ZOO:
+        here, there = (json.loads((root / f"metrics/{model}.json").read_text()) for root in (repo, local_repo))
+        assert without_timings(here) == without_timings(there), model
 
     client = MlflowClient(server.url)
     with pytest.MonkeyPatch.context() as patch:
@@ -141,6 +153,9 @@ def test_the_tiny_pipeline_logs_everything_to_the_server_as_its_admin(team_serve
             history = client.get_metric_history(run_.info.run_id, "val_accuracy")
             assert [m.step for m in history] == [1]  # one epoch in the tiny params
             assert any(name.startswith("system/cpu_utilization") for name in run_.data.metrics)
+            assert run_.data.metrics["test_accuracy"] == pytest.approx(
+                json.loads((repo / f"metrics/{run_.info.run_name}.json").read_text())["test_accuracy"]
+            )
             contexts = {i.tags[0].value: i.dataset for i in run_.inputs.dataset_inputs}
             assert sorted(contexts) == ["test", "train", "validation"]
             assert {d.name for d in contexts.values()} == {"fashion-mnist"}
