@@ -38,7 +38,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 UI_PORT ?= 5000
 
-.PHONY: setup requirements audit test-tools run run-full push pull lint test test-fast ui mlflow-server serve monitor feedback-data retrain rollback doctor bench \
+.PHONY: setup requirements audit test-tools run run-full push pull lint test test-fast ui mlflow-server serve monitor feedback-data retrain promote rollback doctor bench \
 	bench-sweep bench-train bench-photos bench-headers docs clean
 
 setup: $(VENV)/.installed
@@ -121,12 +121,18 @@ feedback-data: setup
 	$(BIN)/python -m pipelines.feedback_data $(if $(LOG_DIR),--log-dir $(LOG_DIR))
 	$(BIN)/dvc add --quiet data/extra/feedback
 
-# Feedback data, then the pipeline with it (params.yaml's data.extra lists data/extra/feedback): the gate promotes
-# the new model only if it is not worse than the served champion.
+# Feedback data, then the pipeline with it (params.yaml's data.extra lists data/extra/feedback). A challenger that
+# passes the gate becomes the registry's `challenger`, tried on live traffic beside the champion (GATE_MODE=promote
+# to promote it at once, as `dvc repro` does).
+GATE_MODE ?= shadow
 retrain: feedback-data
-	$(BIN)/dvc repro
+	GATE_MODE=$(GATE_MODE) $(BIN)/dvc repro
 
-# The registry's champion back to the previous version, restored into the BentoML store for `make serve`.
+# The challenger becomes the champion if the live evidence meets params.yaml's `promote` rule; else it says why.
+promote: setup
+	$(BIN)/python -m pipelines.promote $(if $(LOG_DIR),--log-dir $(LOG_DIR))
+
+# The registry's champion back to the previous version: a running `make serve` follows it within seconds.
 rollback: setup
 	$(BIN)/python -m pipelines.rollback
 

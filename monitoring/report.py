@@ -5,8 +5,9 @@ reference the export stage stored with the served model (the validation images a
 embedding drift (Evidently's EmbeddingsDrift, a domain classifier on 20 principal components: its ROC AUC is
 the drift score, 0.5 for traffic like the reference), input-statistics drift, prediction drift (the class
 distribution and the confidence), the out-of-distribution share, and live accuracy per class with a 95%
-Wilson interval where feedback labelled predictions of the window; and whether to retrain (params.yaml's
-`monitor` group). Writes reports/monitoring/latest.html and
+Wilson interval where feedback labelled predictions of the window; the challenger tried on the same traffic
+(monitoring.shadow: agreement, each model's live accuracy, McNemar's test, latency); and whether to retrain
+(params.yaml's `monitor` group). Writes reports/monitoring/latest.html and
 latest.json, and a copy of each named after the window; logs the figures and both files to MLflow (the
 experiment `<dataset>-monitoring`).
 
@@ -33,10 +34,10 @@ from bentoml.exceptions import NotFound
 from evidently import DataDefinition, Dataset, Report
 from evidently.metrics import EmbeddingsDrift, ValueDrift
 from evidently.metrics.embeddings import ModelDriftMethod
-from statsmodels.stats.proportion import proportion_confint
 
+from monitoring.shadow import accuracy_with_interval, live_comparison
 from serving.model_store import REFERENCE_FILE
-from serving.prediction_log import read_feedback, read_labels, read_predictions
+from serving.prediction_log import CHALLENGER, read_feedback, read_labels, read_predictions
 from serving.settings import ServingSettings
 from serving.statistics import STATISTICS
 from training import tracking
@@ -149,9 +150,10 @@ def live_accuracy(rows: list[dict], feedback: dict[str, int], class_names: list[
     labelled = [(feedback[r["id"]], r["label"]) for r in rows if r["id"] in feedback]
 
     def figures(pairs: list[tuple[int, int]]) -> dict:
-        correct = sum(truth == predicted for truth, predicted in pairs)
-        low, high = proportion_confint(correct, len(pairs), alpha=0.05, method="wilson")
-        return {"labelled": len(pairs), "accuracy": correct / len(pairs), "interval_95": [float(low), float(high)]}
+        return {
+            "labelled": len(pairs),
+            **accuracy_with_interval(np.array([truth == predicted for truth, predicted in pairs])),
+        }
 
     if not labelled:
         return {"labelled": 0, "accuracy": None, "per_class": {}}
@@ -173,7 +175,9 @@ def build(log_dir: Path, since: float | None, last: int | None, settings: Monito
     class_names = metadata["class_names"]
     current, past = frames(rows, reference, precision, class_names)
     snapshot, checks = drift_checks(current, past, reference[f"{precision}_embedding"].shape[1])
-    accuracy = live_accuracy(rows, read_feedback(log_dir), class_names)
+    feedback = read_feedback(log_dir)
+    accuracy = live_accuracy(rows, feedback, class_names)
+    shadow, _ = live_comparison(rows, read_predictions(log_dir, since=rows[0]["time"], role=CHALLENGER), feedback)
     embedding = checks["embedding_drift"]
     new_labels = sum(time > saved for time, _, _ in read_labels(log_dir))
     retrain, reason = retrain_advice(embedding["drift_detected"], accuracy["accuracy"], new_labels, settings)
@@ -191,6 +195,7 @@ def build(log_dir: Path, since: float | None, last: int | None, settings: Monito
         "model": {"bentoml_tag": tag, "precision": precision, "dataset": metadata["dataset"]},
         "reference": {"images": len(reference["input_statistics"]), "split": "validation"},
         "checks": {**checks, "live_accuracy": accuracy},
+        "shadow": shadow if shadow["paired_predictions"] else None,
     }
     return summary, snapshot
 
@@ -218,6 +223,10 @@ def log_to_mlflow(summary: dict, files: list[Path]) -> None:
         figures["retrain_recommended"] = int(summary["retrain_recommended"])
         for group in ("input_statistics", "predictions"):
             figures |= {f"{group}.{k}": v["score"] for k, v in summary["checks"][group].items()}
+        if summary["shadow"]:
+            shadow = summary["shadow"]
+            figures |= {"shadow.agreement": shadow["agreement"], "shadow.labelled": shadow["labelled"]}
+            figures |= {f"shadow.{role}_accuracy": shadow[role]["accuracy"] for role in ("champion", "challenger")}
         mlflow.log_metrics({k: float(v) for k, v in figures.items() if v is not None})
         for path in files[:2]:
             mlflow.log_artifact(str(path), artifact_path="monitoring")
@@ -244,6 +253,24 @@ def main() -> None:
         f"out of distribution {summary['ood_share']:.1%}, live accuracy "
         + ("n/a (no feedback)" if summary["live_accuracy"] is None else f"{summary['live_accuracy']:.2%}")
         + f" on {summary['feedback']} labels; retrain: {summary['retrain_reason']}; {files[0]}, {files[1]}"
+    )
+    if summary["shadow"]:
+        print(shadow_line(summary["shadow"]))
+
+
+def shadow_line(shadow: dict) -> str:
+    """The challenger on live traffic, in one line."""
+    if not shadow["labelled"]:
+        accuracies = "no labels yet"
+    else:
+        accuracies = (
+            f"on {shadow['labelled']} labels {shadow['challenger']['accuracy']:.2%} against the champion's "
+            f"{shadow['champion']['accuracy']:.2%} (McNemar p = {shadow['mcnemar']['p_value']:.3g})"
+        )
+    return (
+        f"challenger version {shadow['challenger_version']} shadowed {shadow['paired_predictions']} predictions of "
+        f"version {shadow['champion_version']}: agreement {shadow['agreement']:.2%}, {accuracies}; model time p50 "
+        f"{shadow['challenger']['p50_ms']:.1f} ms against {shadow['champion']['p50_ms']:.1f} ms"
     )
 
 

@@ -1,8 +1,8 @@
 """`make rollback`: the registry's champion alias back to `previous` (and `previous` to the promoted version
-before that, if any), that version's files restored into the BentoML store, and champion.json naming it, so
-that `make serve` serves it. The retired version is tagged `rolled_back`: the gate never promotes that file
-again. export/ stays what the export stage last wrote (DVC's output, the challenger), so DVC sees nothing to
-re-run."""
+before that, if any), that version's files restored into the BentoML store, and champion.json naming it: a
+running `make serve` follows the alias and serves it within seconds, a restarted one serves it too. The
+retired version is tagged `rolled_back`: the gate never promotes that file again. export/ stays what the
+export stage last wrote (DVC's output, the challenger), so DVC sees nothing to re-run."""
 
 import logging
 import tempfile
@@ -12,6 +12,7 @@ from pathlib import Path
 from pipelines._stage import run
 from serving.files import write_json
 from serving.model_source import restore_model
+from serving.model_store import STORED_FILES
 from training import registry, tracking
 from training.config import CHAMPION_FILE, Params
 
@@ -25,11 +26,13 @@ def main() -> None:
     when = datetime.now(UTC).isoformat(timespec="seconds")
     served, retired = registry.roll_back(name, alias, when)
     with tempfile.TemporaryDirectory() as folder:
-        restore_model(served.bentoml_tag, registry.download(name, served, Path(folder)))
+        restore_model(served.bentoml_tag, registry.download(name, served, tuple(STORED_FILES), Path(folder)))
     reason = f"make rollback at {when}: version {retired.version} retired, version {served.version} served again"
     record = registry.served_record(name, alias, served)
     write_json({**record, "gate": {"decision": "rolled back", "reason": reason}}, CHAMPION_FILE)
-    log.info("%s (%s); `make serve` serves it", reason, served.bentoml_tag)
+    log.info(
+        "%s (%s): a running service that follows the registry swaps to it within seconds", reason, served.bentoml_tag
+    )
 
 
 if __name__ == "__main__":

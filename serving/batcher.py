@@ -1,25 +1,41 @@
 """Adaptive batching in the worker's event loop, with no waiting: the requests that arrive while the model
-is busy form its next batch. A lone request runs at once; under load, batches grow by themselves."""
+is busy form its next batch. A lone request runs at once; under load, batches grow by themselves.
+
+The model can be replaced while requests are served (`batcher.model = new`): each batch runs on the model that
+was in place when it started, and every caller learns which one answered it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
+Model = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A call's share of a batch: the model that ran it, its output rows, and how long the batch took."""
+
+    model: Model
+    rows: np.ndarray
+    model_ms: float
+
 
 class MicroBatcher:
-    """`await batcher(images)` -> the model's output for those images, computed in a batch with the images
-    of other concurrent calls (at most `max_batch_size` images, or one larger call on its own). The model
-    runs on one dedicated thread, so the event loop keeps parsing requests meanwhile."""
+    """`await batcher(images)` -> Answered: the model's output for those images, computed in a batch with the
+    images of other concurrent calls (at most `max_batch_size` images, or one larger call on its own). The
+    model runs on one dedicated thread, so the event loop keeps parsing requests meanwhile."""
 
     def __init__(
         self,
-        model: Callable[[np.ndarray], np.ndarray],
+        model: Model,
         max_batch_size: int,
         on_batch: Callable[[int], None] = lambda size: None,
     ):
@@ -27,19 +43,19 @@ class MicroBatcher:
         self.callers = 0  # requests between `tracked()` and their answer: the load on this worker
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch
-        self.pending: deque[tuple[np.ndarray, asyncio.Future]] = deque()
+        self.pending: deque[tuple[np.ndarray, asyncio.Future[Answered]]] = deque()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.runner: asyncio.Task | None = None
 
-    async def __call__(self, images: np.ndarray) -> np.ndarray:
+    async def __call__(self, images: np.ndarray) -> Answered:
         if len(images) == 1 and self._idle():
             await asyncio.sleep(0)  # requests already received get to announce themselves first
             if self._idle() and self.callers <= 1:
                 # the only request in this worker: nothing to batch or overlap with, and a hop to the model
                 # thread would only add latency
                 self.on_batch(1)
-                return self.model(images)
-        future = asyncio.get_running_loop().create_future()
+                return run(self.model, images)
+        future: asyncio.Future[Answered] = asyncio.get_running_loop().create_future()
         self.pending.append((images, future))
         if self._idle():
             self.runner = asyncio.create_task(self._run_pending())
@@ -57,8 +73,8 @@ class MicroBatcher:
         finally:
             self.callers -= 1
 
-    def _next_batch(self) -> list[tuple[np.ndarray, asyncio.Future]]:
-        batch: list[tuple[np.ndarray, asyncio.Future]] = []
+    def _next_batch(self) -> list[tuple[np.ndarray, asyncio.Future[Answered]]]:
+        batch: list[tuple[np.ndarray, asyncio.Future[Answered]]] = []
         size = 0
         while self.pending:
             images, future = self.pending[0]
@@ -79,7 +95,7 @@ class MicroBatcher:
             images = batch[0][0] if len(batch) == 1 else np.concatenate([item[0] for item in batch])
             self.on_batch(len(images))
             try:
-                outputs = await loop.run_in_executor(self.executor, self.model, images)
+                answered = await loop.run_in_executor(self.executor, run, self.model, images)
             except Exception as exc:  # every caller of a failed batch gets the error
                 for _, future in batch:
                     if not future.done():
@@ -88,5 +104,13 @@ class MicroBatcher:
             start = 0
             for part, future in batch:
                 if not future.done():
-                    future.set_result(outputs[start : start + len(part)])
+                    rows = answered.rows[start : start + len(part)]
+                    future.set_result(Answered(answered.model, rows, answered.model_ms))
                 start += len(part)
+
+
+def run(model: Model, images: np.ndarray) -> Answered:
+    """One batch on `model` (the one in place when it starts: a swap meanwhile does not touch it)."""
+    started = time.perf_counter()
+    rows = model(images)
+    return Answered(model, rows, (time.perf_counter() - started) * 1000)

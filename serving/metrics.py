@@ -5,7 +5,7 @@ than the model has classes: never an id. Live accuracy is a PromQL ratio of the 
 from __future__ import annotations
 
 import numpy as np
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 BATCH_SIZES = Histogram(
     "serving_batch_size", "images per onnxruntime call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -22,6 +22,23 @@ CONFIDENCE = Histogram(
 )
 FEEDBACK = Counter("serving_feedback", "labels received for logged predictions, by outcome", ["outcome"])
 LOG_DROPPED = Counter("serving_prediction_log_dropped", "prediction log records dropped (queue full or disk failing)")
+MODEL_INFO = Gauge(
+    "serving_model_info",
+    "1 for the model each worker serves (role champion) and shadows (role challenger), 0 for those it replaced",
+    ["role", "version", "tag", "precision"],
+    multiprocess_mode="liveall",
+)
+RELOAD_FAILURES = Counter(
+    "serving_model_reload_failures",
+    "registry versions a worker did not take: the old model kept, by alias and reason (download, checksum, load, "
+    "probe, crash)",
+    ["alias", "reason"],
+)
+REGISTRY_ERRORS = Counter("serving_registry_errors", "looks at the registry's aliases that failed (unreachable store)")
+SHADOW_DROPPED = Counter(
+    "serving_shadow_dropped", "requests sampled for the challenger but not shadowed: its queue was full, or it failed"
+)
+SHADOW_FAILURES = Counter("serving_shadow_failures", "batches the challenger failed to answer (its error logged)")
 
 
 def count_predictions(class_names: list[str], labels: np.ndarray, confidence: np.ndarray, flagged: np.ndarray) -> None:

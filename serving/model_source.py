@@ -4,7 +4,6 @@ Registry, which holds every served version."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -12,7 +11,16 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
-from serving.model_store import EXPORT_RECORD, SERVED_RECORD, STORED_FILES, ModelMissingError, save_onnx
+from serving import registry
+from serving.model_store import (
+    EXPORT_RECORD,
+    STORED_FILES,
+    ModelMissingError,
+    read_record,
+    save_onnx,
+    served_record,
+    workspace_store,
+)
 
 
 def restore_model(tag: str, files: dict[str, Path], source: str = "registry") -> None:
@@ -38,35 +46,26 @@ def ensure_model(tag: str) -> None:
         )
     export_dir = EXPORT_RECORD.parent
     files = {role: export_dir / name for role, (name, _) in STORED_FILES.items() if (export_dir / name).is_file()}
-    if "fp32" in files and record(EXPORT_RECORD).get("bentoml_tag") == tag:
+    if "fp32" in files and read_record(EXPORT_RECORD).get("bentoml_tag") == tag:
         restore_model(tag, files, "dvc pull")
         return
-    served = record(SERVED_RECORD)
+    served = served_record()
     nowhere = (
         f"no trained model to serve: BentoML model {tag} is not in the local store, nor in {export_dir.name}/"
         "{registry}; train one with `make run`, or fetch the team's from the DVC remote with `make pull`"
     )
-    try:  # the workspace's pipeline: never inside a built bento
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or workspace_store()
+    if served.get("bentoml_tag") != tag or not uri:  # never a new, empty mlflow.db as a side effect
+        raise ModelMissingError(nowhere.format(registry=""))
+    try:
         import mlflow
 
-        from training import registry, tracking
-    except ImportError:
-        raise ModelMissingError(nowhere.format(registry="")) from None
-    has_store = os.environ.get("MLFLOW_TRACKING_URI") or (tracking.repo_root() / "mlflow.db").is_file()
-    if served.get("bentoml_tag") != tag or not has_store:  # never a new, empty mlflow.db as a side effect
-        raise ModelMissingError(nowhere.format(registry=""))
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    version = registry.Version(served["version"], served["run_id"], {"bentoml_tag": tag})
-    try:
+        mlflow.set_tracking_uri(uri)
+        version = registry.Version(served["version"], served["run_id"], {"bentoml_tag": tag})
         with tempfile.TemporaryDirectory() as folder:
-            restore_model(tag, registry.download(served["registered_model"], version, Path(folder)))
+            restore_model(
+                tag, registry.download(served["registered_model"], version, tuple(STORED_FILES), Path(folder))
+            )
     except Exception as exc:  # an unreachable server, a store without that version: say so, in one line
         reason = f" or the registry ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         raise ModelMissingError(nowhere.format(registry=reason)) from None
-
-
-def record(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -27,6 +27,12 @@ def in_workspace() -> bool:
     return (WORKSPACE / "dvc.yaml").is_file()
 
 
+def workspace_store() -> str | None:
+    """The workspace's MLflow store (`make run` writes mlflow.db), as a tracking URI, where it exists."""
+    store = WORKSPACE / "mlflow.db"
+    return f"sqlite:///{store}" if in_workspace() and store.is_file() else None
+
+
 class ModelMissingError(RuntimeError):
     """Nothing trained to serve here; the message names the ways out."""
 
@@ -46,6 +52,19 @@ def default_model_tag() -> str:
             f"no model chosen to serve: {SERVED_RECORD.name} names none ({type(exc).__name__}); `make run` trains "
             "one and the gate stage picks it, `make pull` fetches the team's, or set BENTO_MODEL_TAG"
         ) from None
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A JSON record (champion.json, export.json), or {} where there is none."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def served_record() -> dict[str, Any]:
+    """champion.json: the model the gate stage or `make rollback` chose (in a built bento, its copy)."""
+    return read_record(SERVED_RECORD)
 
 
 def read_metadata(path: Path | str) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 speak: health, server and model metadata, and inference on JSON tensors or on the binary tensor data
 extension (a JSON header of `Inference-Header-Content-Length` bytes, then the raw tensors).
 
-One model, named as registered (`<dataset>-classifier`), version = its BentoML tag's; its metadata's
+One model, named as registered (`<dataset>-classifier`), version = its registered version (its BentoML tag's
+where it is not registered), the one that answers now, which changes as the service follows the registry; its
+metadata's
 `parameters.class_names` names the columns of the per-class outputs.
 Input: UINT8 [-1,1,28,28] pixels (FP32 holding whole numbers 0-255 is accepted too); outputs `logits` and
 `probabilities`, FP32 [-1,classes], `ood_score` FP32 [-1], `out_of_distribution` BOOL [-1] and `prediction_id`
@@ -22,6 +24,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from serving.inputs import ClientError
+from serving.schemas import VERSION_HEADER
 
 DATATYPES: dict[str, np.dtype] = {"UINT8": np.dtype(np.uint8), "FP32": np.dtype("<f4")}
 OUTPUTS = {  # name: datatype, whether it has a column per class
@@ -49,9 +52,9 @@ def _json(content: Any) -> Response:
 def _model(name: str, version: str | None = None) -> Any:
     """The service, if `name` (and `version`) is the model it serves."""
     service = bentoml.get_current_service()
-    tag = service.bento_model.tag
-    if name != tag.name or version not in (None, tag.version):
-        served = f"{tag.name} version {tag.version}"
+    served_name, served_version = service.bento_model.tag.name, service.served.version
+    if name != served_name or version not in (None, served_version):
+        served = f"{served_name} version {served_version}"
         asked = name if version is None else f"{name} version {version}"
         raise ClientError(f"unknown model {asked}; this server serves {served}", status=404)
     return service
@@ -84,9 +87,9 @@ async def model_metadata(name: str, version: str | None = None) -> Response:
     return _json(
         {
             "name": name,
-            "versions": [service.bento_model.tag.version],
+            "versions": [service.served.version],
             "platform": "onnxruntime_onnx",
-            "inputs": [{"name": service.model.input_name, "datatype": "UINT8", "shape": [-1, *service.image_shape]}],
+            "inputs": [{"name": service.input_name, "datatype": "UINT8", "shape": [-1, *service.image_shape]}],
             "outputs": [
                 {"name": name, "datatype": datatype, "shape": [-1, classes] if per_class else [-1]}
                 for name, (datatype, per_class) in OUTPUTS.items()
@@ -114,20 +117,20 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
         body = await request.body()
         header, binary = split_request(body, request.headers.get(HEADER_LENGTH))
         limit = service.settings.max_batch_images
-        images = input_images(header, binary, service.model.input_name, tuple(service.image_shape), limit)
+        images = input_images(header, binary, service.input_name, tuple(service.image_shape), limit)
         outputs = [requested_output(o) for o in header.get("outputs") or [{"name": o} for o in OUTPUTS]]
-        rows = await service.batcher(images)
-        ids, flagged = service.observe(images, rows, "/v2/infer", started)
-        columns = service.model.columns
+        served = await service.predict_images(images, "/v2/infer", started)
+        columns, rows = served.model.classifier.columns, served.rows
         values = {
             "logits": columns.logits(rows),
             "probabilities": columns.probabilities(rows),
             "ood_score": columns.ood_score(rows),
-            "out_of_distribution": flagged,
-            "prediction_id": ids,
+            "out_of_distribution": served.flagged,
+            "prediction_id": served.ids,
         }
         all_binary = bool((header.get("parameters") or {}).get("binary_data_output"))
-        response: dict[str, Any] = {"model_name": name, "model_version": service.bento_model.tag.version}
+        version = served.model.version
+        response: dict[str, Any] = {"model_name": name, "model_version": version}
         if "id" in header:
             response["id"] = header["id"]
         response["outputs"] = []
@@ -139,11 +142,11 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
                 tensors.append(data)
     text = orjson.dumps(response)
     if not tensors:
-        return Response(text, media_type="application/json")
+        return Response(text, media_type="application/json", headers={VERSION_HEADER: version})
     return Response(
         text + b"".join(tensors),
         media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(len(text))},
+        headers={"Inference-Header-Content-Length": str(len(text)), VERSION_HEADER: version},
     )
 
 

@@ -6,7 +6,10 @@ stores. A prediction id is the worker's random token and a sequence number, so a
 through each chunk's sequence range, the chunk that holds it: no index to write. Records leave the event loop
 through a bounded queue; a writer thread stores what gathered every fraction of a second as one chunk, the
 records' fields as columns (an .npz): a row per prediction in SQLite cost as much CPU as a tenth of a request.
-A full queue or a failing disk drops records, counted (`on_drop`) and warned about once. Retention, by size
+A full queue or a failing disk drops records, counted (`on_drop`) and warned about once. Each chunk names the
+model that answered (BentoML tag, registered version, precision) and its role: `champion` records are the
+answers the service gave; `challenger` records, written by the shadow process, are what the challenger would
+have answered for the same prediction ids. Retention, by size
 and by age over the whole root, deletes the oldest segments no writer is still appending to. Readers (the
 feedback route, `make monitor`) open every segment read-only: SQLite's write-ahead log lets them.
 """
@@ -39,9 +42,10 @@ SEGMENTS_PER_LOG = 16  # a segment is at most this share of the size limit, so r
 FLUSH_S = 0.2  # how long records gather between two writes: one transaction per flush, not one per request
 RETAIN_EVERY_S = 600  # retention also runs this often, so a quiet log ages out too
 LOOKUP_S = 1.0  # how long a lookup waits for a record still in some worker's queue
+CHAMPION, CHALLENGER = "champion", "challenger"  # whose answers a chunk holds
 PREDICTIONS = """CREATE TABLE IF NOT EXISTS chunks (
     chunk INTEGER PRIMARY KEY, first_sequence INTEGER, last_sequence INTEGER, first_time REAL, last_time REAL,
-    model_tag TEXT, precision TEXT, class_names TEXT, records INTEGER, data BLOB);"""
+    model_tag TEXT, precision TEXT, class_names TEXT, records INTEGER, data BLOB, model_version TEXT, role TEXT);"""
 FEEDBACK = """CREATE TABLE IF NOT EXISTS feedback (
     prediction_id TEXT NOT NULL, label INTEGER NOT NULL, time REAL NOT NULL, predicted_label INTEGER);"""
 
@@ -62,14 +66,25 @@ def parse_id(prediction_id: str) -> tuple[str, int]:
     return prediction_id[:16], int(prediction_id[16:], 16)
 
 
+@dataclass(frozen=True)
+class ModelName:
+    """What names the model that answered: its BentoML tag, registered version (or the tag's version where it
+    is not registered) and precision."""
+
+    tag: str
+    version: str
+    precision: str
+
+
 @dataclass
 class Outputs:
     """The served graph's outputs for a batch, as the service computes them once: [N, classes] probabilities,
-    [N] OOD scores, [N, D] embeddings."""
+    [N] OOD scores and flags (by the answering model's threshold), [N, D] embeddings (None: not logged)."""
 
     probabilities: np.ndarray
     ood_score: np.ndarray
-    embedding: np.ndarray
+    out_of_distribution: np.ndarray
+    embedding: np.ndarray | None
 
 
 @dataclass
@@ -79,8 +94,10 @@ class Pending:
     ids: list[str]
     time: float
     route: str
-    latency_ms: float
-    inputs: np.ndarray  # uint8 [N,1,28,28]
+    latency_ms: float  # the request's, from its first byte to its answer
+    model_ms: float  # the model's run of the batch that answered it
+    model: ModelName
+    inputs: np.ndarray | None  # uint8 [N,1,28,28]; None: not logged (a challenger's, whose inputs the champion's hold)
     outputs: Outputs
 
 
@@ -89,20 +106,17 @@ class PredictionLog:
         self,
         root: Path,
         token: str,
-        model_tag: str,
-        precision: str,
         class_names: list[str],
-        threshold: float,
         keep_inputs: bool,
         queue_requests: int,
         max_bytes: int,
         max_age_s: float,
         on_drop: Callable[[int], None],
+        role: str = CHAMPION,
     ):
         self.root = root
         self.folder = root / f"{socket.gethostname()}-{os.getpid()}-{token}"
-        self.model_tag, self.precision, self.class_names = model_tag, precision, class_names
-        self.threshold, self.keep_inputs = threshold, keep_inputs
+        self.class_names, self.keep_inputs, self.role = class_names, keep_inputs, role
         self.class_json = json.dumps(class_names)
         self.max_bytes, self.max_age_s = max_bytes, max_age_s
         self.segment_bytes = max(1 << 20, max_bytes // SEGMENTS_PER_LOG)
@@ -185,22 +199,36 @@ class PredictionLog:
             self.connection = None
 
     def _write(self, pending: list[Pending]) -> None:
+        """One chunk per model that answered the gathered requests."""
+        by_model: dict[ModelName, list[Pending]] = {}
+        for request in pending:
+            by_model.setdefault(request.model, []).append(request)
+        for model, requests in by_model.items():
+            self._write_chunk(model, requests)
+        if self.segment_path.stat().st_size + wal_size(self.segment_path) > self.segment_bytes:
+            self._close_segment()
+            retain(self.root, self.max_bytes, self.max_age_s)
+
+    def _write_chunk(self, model: ModelName, pending: list[Pending]) -> None:
         counts = [len(p.ids) for p in pending]
-        inputs = np.concatenate([p.inputs for p in pending])
         columns = {
             "id": np.array([i for p in pending for i in p.ids]),
             "time": np.repeat([p.time for p in pending], counts),
             "route": np.repeat([p.route for p in pending], counts),
             "latency_ms": np.repeat([p.latency_ms for p in pending], counts).astype(np.float32),
-            "input_sha256": np.array([hashlib.sha256(image).hexdigest() for image in inputs]),
-            "statistics": input_statistics(inputs),
+            "model_ms": np.repeat([p.model_ms for p in pending], counts).astype(np.float32),
             "probabilities": np.concatenate([p.outputs.probabilities for p in pending]).astype(np.float32),
             "ood_score": np.concatenate([p.outputs.ood_score for p in pending]).astype(np.float32),
-            "embedding": np.concatenate([p.outputs.embedding for p in pending]).astype(np.float32),
+            "out_of_distribution": np.concatenate([p.outputs.out_of_distribution for p in pending]),
         }
-        columns["out_of_distribution"] = columns["ood_score"] > self.threshold
-        if self.keep_inputs:
-            columns["model_input"] = inputs
+        if all(p.outputs.embedding is not None for p in pending):
+            columns["embedding"] = np.concatenate([p.outputs.embedding for p in pending]).astype(np.float32)
+        if all(p.inputs is not None for p in pending):
+            inputs = np.concatenate([p.inputs for p in pending])
+            columns["input_sha256"] = np.array([hashlib.sha256(image).hexdigest() for image in inputs])
+            columns["statistics"] = input_statistics(inputs)
+            if self.keep_inputs:
+                columns["model_input"] = inputs
         buffer = io.BytesIO()
         np.savez(buffer, allow_pickle=False, **columns)
         sequences = [parse_id(i)[1] for p in pending for i in (p.ids[0], p.ids[-1])]
@@ -208,22 +236,21 @@ class PredictionLog:
         with connection:
             connection.execute(
                 "INSERT INTO chunks (first_sequence, last_sequence, first_time, last_time, model_tag, precision, "
-                "class_names, records, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "class_names, records, data, model_version, role) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     min(sequences),
                     max(sequences),
                     pending[0].time,
                     pending[-1].time,
-                    self.model_tag,
-                    self.precision,
+                    model.tag,
+                    model.precision,
                     self.class_json,
                     sum(counts),
                     buffer.getvalue(),
+                    model.version,
+                    self.role,
                 ),
             )
-        if self.segment_path.stat().st_size + wal_size(self.segment_path) > self.segment_bytes:
-            self._close_segment()
-            retain(self.root, self.max_bytes, self.max_age_s)
 
     # feedback: the labels people send back for predictions
 
@@ -262,7 +289,8 @@ def read_only(path: Path) -> sqlite3.Connection:
 
 
 def records(chunk: sqlite3.Row, positions: slice | list[int] | None = None) -> list[dict]:
-    """A chunk's records (or those at `positions`), one dict each: the log's fields, blobs as bytes."""
+    """A chunk's records (or those at `positions`), one dict each: the log's fields, blobs as bytes, None for a
+    field the chunk does not hold (a challenger's records hold its answers alone)."""
     with np.load(io.BytesIO(chunk["data"]), allow_pickle=False) as data:
         columns = {name: data[name] for name in data.files}
     chosen = slice(None) if positions is None else positions
@@ -270,29 +298,39 @@ def records(chunk: sqlite3.Row, positions: slice | list[int] | None = None) -> l
     class_names = json.loads(chunk["class_names"])
     probabilities = picked["probabilities"]
     labels = probabilities.argmax(1)
+    named = dict(zip(chunk.keys(), chunk, strict=True))  # a segment written before a column existed lacks it
     found = []
     for n in range(len(labels)):
+        statistics = picked["statistics"][n].tolist() if "statistics" in picked else [None] * len(STATISTICS)
         record = {
             "id": str(picked["id"][n]),
             "time": float(picked["time"][n]),
             "route": str(picked["route"][n]),
+            "role": chunk_role(chunk),
             "model_tag": chunk["model_tag"],
+            "model_version": named.get("model_version"),
             "precision": chunk["precision"],
-            "input_sha256": str(picked["input_sha256"][n]),
-            **dict(zip(STATISTICS, picked["statistics"][n].tolist(), strict=True)),
+            "input_sha256": str(picked["input_sha256"][n]) if "input_sha256" in picked else None,
+            **dict(zip(STATISTICS, statistics, strict=True)),
             "label": int(labels[n]),
             "class_name": class_names[labels[n]],
             "class_names": class_names,  # the served model's: what a label (an index) means
             "confidence": float(probabilities[n, labels[n]]),
             "probabilities": probabilities[n].tobytes(),
-            "embedding": picked["embedding"][n].tobytes(),
+            "embedding": picked["embedding"][n].tobytes() if "embedding" in picked else None,
             "ood_score": float(picked["ood_score"][n]),
             "out_of_distribution": bool(picked["out_of_distribution"][n]),
             "latency_ms": float(picked["latency_ms"][n]),
+            "model_ms": float(picked["model_ms"][n]) if "model_ms" in picked else None,
             "model_input": picked["model_input"][n].tobytes() if "model_input" in picked else None,
         }
         found.append(record)
     return found
+
+
+def chunk_role(chunk: sqlite3.Row) -> str:
+    """Whose answers a chunk holds (a segment written before roles existed holds the champion's)."""
+    return dict(zip(chunk.keys(), chunk, strict=True)).get("role") or CHAMPION
 
 
 def find_prediction(root: Path, prediction_id: str) -> dict | None:
@@ -351,9 +389,11 @@ def retain(root: Path, max_bytes: int, max_age_s: float) -> list[Path]:
     return deleted
 
 
-def read_predictions(root: Path, since: float | None = None, last: int | None = None) -> list[dict]:
+def read_predictions(
+    root: Path, since: float | None = None, last: int | None = None, role: str = CHAMPION
+) -> list[dict]:
     """Logged predictions, oldest first (a request's in the order it answered them): from `since` (a Unix time),
-    or the `last` N of them, or all."""
+    or the `last` N of them, or all; the answers served (`champion`), or the challenger's (`challenger`)."""
     chunks: list[sqlite3.Row] = []
     for path in segments(root):
         try:
@@ -361,9 +401,11 @@ def read_predictions(root: Path, since: float | None = None, last: int | None = 
                 db.row_factory = sqlite3.Row
                 where = " WHERE last_time >= ?" if since is not None else ""  # constant SQL; the value is bound
                 query = "SELECT * FROM chunks" + where  # noqa: S608 -- two constant strings
-                chunks += db.execute(query, () if since is None else (since,)).fetchall()
+                found = db.execute(query, () if since is None else (since,)).fetchall()
         except sqlite3.DatabaseError as exc:  # a segment a power cut damaged, or one being created
             log.warning("prediction log: skipping %s (%s)", path, exc)
+            continue
+        chunks += [chunk for chunk in found if chunk_role(chunk) == role]
     chunks.sort(key=lambda chunk: chunk["first_time"])
     if last:  # only the newest chunks that hold the last N
         kept, count = [], 0

@@ -27,7 +27,7 @@ from serving import oip
 from serving.inputs import ClientError, parse_batch, read_upload
 from serving.limits import BodyLimit
 from serving.metrics import FEEDBACK
-from serving.schemas import ERRORS, Batch, Details, Error, Feedback, FeedbackStored, Prediction
+from serving.schemas import ERRORS, VERSION_HEADER, Batch, Details, Error, Feedback, FeedbackStored, Prediction
 from serving.settings import ServingSettings
 
 INLINE_BYTES = 64 * 1024  # smaller JSON bodies are parsed on the event loop; a thread hop costs more
@@ -88,7 +88,7 @@ async def predict(request: Request, details: bool = DETAILS) -> Response:
         prediction = (await service.answer(image, "/predict", started, details=details))[0]
         if details:
             prediction["model_input"] = image[0, 0].tolist()
-        return json_response(prediction)
+        return json_response(prediction, headers={VERSION_HEADER: prediction["model_version"]})
 
 
 @router.post(
@@ -109,7 +109,8 @@ async def predict_batch(request: Request) -> Response:
         body = await request.body()
         args = (body, service.settings.max_batch_images, service.image_shape)
         images = parse_batch(*args) if len(body) <= INLINE_BYTES else await anyio.to_thread.run_sync(parse_batch, *args)
-        return json_response(await service.answer(images, "/predict_batch", started))
+        answers = await service.answer(images, "/predict_batch", started)
+        return json_response(answers, headers={VERSION_HEADER: answers[0]["model_version"]})
 
 
 FEEDBACK_ERRORS: dict[int | str, dict[str, Any]] = {

@@ -13,6 +13,8 @@ import onnxruntime as ort
 
 from serving.files import sha256_file
 from serving.model_store import decode_metadata
+from serving.probe import METADATA_KEY as PROBE_KEY
+from serving.probe import probe_images, probe_mismatch
 
 log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
@@ -124,6 +126,10 @@ class ModelFileError(RuntimeError):
     """The model file is missing, altered since export, or not a model onnxruntime can load."""
 
 
+class ProbeError(ModelFileError):
+    """The model file does not answer its probe batch as it did at export."""
+
+
 def verified_model_file(path: str, expected_sha256: str | None) -> str:
     """Refuse to serve a model file that is missing or differs from the one the export stage wrote."""
     if not os.path.isfile(path):
@@ -212,6 +218,18 @@ class OnnxClassifier:
             )
         self.ood_threshold = float(self.metadata["ood_threshold"])
         self.columns = Columns(len(self.class_names))
+        self.check_probe(path)
+
+    def check_probe(self, path: str) -> None:
+        """Refuse a file that does not answer its probe batch as it did at export (serving.probe)."""
+        recorded = self.metadata.get(PROBE_KEY)
+        if recorded is None:
+            log.warning("%s records no probe batch: its answers on this machine are not checked", path)
+            return
+        rows = self.outputs(probe_images(recorded))
+        mismatch = probe_mismatch(recorded, self.columns.probabilities(rows), self.columns.ood_score(rows))
+        if mismatch is not None:
+            raise ProbeError(f"model file {path} does not answer its probe batch as at export: {mismatch}")
 
     def outputs(self, images: np.ndarray) -> np.ndarray:
         """Every output for each image, one row each (`self.columns` tells them apart), from one run of the graph:

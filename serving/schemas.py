@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from serving.settings import MAX_BATCH_IMAGES
 
 EXAMPLE_IMAGE = [[0] * 28 for _ in range(28)]
+VERSION_HEADER = "X-Model-Version"  # on every answer: the version of the model that produced it
 
 
 class ClassProbability(BaseModel):
@@ -26,6 +27,9 @@ class Prediction(BaseModel):
     out_of_distribution: bool = Field(
         description="the score is over the threshold calibrated at export on the validation images "
         "(export.ood.false_positive_rate of them are flagged)"
+    )
+    model_version: str = Field(
+        description="the model that answered: its registered version (the X-Model-Version header says the same)"
     )
 
 

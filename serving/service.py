@@ -17,6 +17,7 @@ import gc
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,17 +28,20 @@ from bentoml.exceptions import InvalidArgument
 from pydantic import Field
 
 from serving.batcher import MicroBatcher
+from serving.follow import Follower
 from serving.inputs import ClientError, images_to_array
 from serving.limits import ApiRequestGuard, HeaderLimit
-from serving.metrics import BATCH_SIZES, LOG_DROPPED, count_predictions
-from serving.model_source import ensure_model, record
-from serving.model_store import MODEL_FILES, SERVED_RECORD, ModelMissingError
+from serving.metrics import BATCH_SIZES, LOG_DROPPED, SHADOW_DROPPED, SHADOW_FAILURES, count_predictions
+from serving.model_source import ensure_model
+from serving.model_store import MODEL_FILES, ModelMissingError, served_record
 from serving.prediction_log import Outputs, Pending, PredictionIds, PredictionLog
 from serving.preprocess import ImageError, open_image, to_model_input
 from serving.routes import PREDICTION_ROUTES, build_api
-from serving.runtime import OnnxClassifier, ProviderError, choose_precision, require_cuda
-from serving.schemas import ImageRows
+from serving.runtime import ProviderError, choose_precision, require_cuda
+from serving.schemas import VERSION_HEADER, ImageRows
+from serving.served import ServedModel, open_model
 from serving.settings import ServingSettings, SettingsError
+from serving.shadow import Shadow
 
 try:
     SETTINGS = ServingSettings.from_env()
@@ -47,6 +51,7 @@ try:
 except (SettingsError, ProviderError, ModelMissingError) as exc:
     sys.exit(f"serving: {exc}")  # one line, not a traceback through BentoML's loader
 INLINE_PIXELS = 256 * 256  # smaller uploads are decoded on the event loop; a thread hop costs more
+log = logging.getLogger("bentoml.serving")
 
 
 @bentoml.service(
@@ -65,41 +70,34 @@ class Classifier:
         self.settings = SETTINGS
         if not SETTINGS.access_log:
             logging.getLogger("bentoml.access").setLevel(logging.WARNING)
-        stored = self.bento_model.info.metadata
-        available = [p for p, (_, checksum) in MODEL_FILES.items() if checksum in stored]
-        precision = choose_precision(SETTINGS.precision, SETTINGS.device, available or ["fp32"])
-        file_name, checksum = MODEL_FILES[precision]
-        self.model = OnnxClassifier(
-            self.bento_model.path_of(file_name),
-            device=SETTINGS.device,
-            threads=SETTINGS.threads,
-            expected_sha256=stored.get(checksum),
-            bulk=(SETTINGS.bulk_threads, SETTINGS.max_batch_size),
-        )
-        self.metadata = self.model.metadata
-        self.class_names = self.model.class_names
-        self.image_shape = self.model.image_shape
+        self.served = self.stored_model()
+        classifier = self.served.classifier
+        self.metadata = classifier.metadata
+        self.class_names = classifier.class_names
+        self.image_shape = classifier.image_shape
+        self.input_name = classifier.input_name
         self.upload_fit = int(self.metadata["upload_fit"])
-        self.model.warm_up(SETTINGS.max_batch_size, SETTINGS.max_batch_images)
-        self.batcher = MicroBatcher(self.model.outputs, SETTINGS.max_batch_size, on_batch=BATCH_SIZES.observe)
+        self.batcher = MicroBatcher(self.served, SETTINGS.max_batch_size, on_batch=BATCH_SIZES.observe)
+        self.served.show("champion")
         self.ids = PredictionIds()
+        log_settings = dict(
+            queue_requests=SETTINGS.prediction_log_queue,
+            max_bytes=SETTINGS.prediction_log_max_mb << 20,
+            max_age_s=SETTINGS.prediction_log_max_days * 86400,
+        )
         self.log = (
             PredictionLog(
                 SETTINGS.prediction_log_dir,
                 self.ids.token,
-                str(self.bento_model.tag),
-                self.model.precision,
                 self.class_names,
-                self.model.ood_threshold,
                 keep_inputs=SETTINGS.prediction_log_inputs,
-                queue_requests=SETTINGS.prediction_log_queue,
-                max_bytes=SETTINGS.prediction_log_max_mb << 20,
-                max_age_s=SETTINGS.prediction_log_max_days * 86400,
                 on_drop=LOG_DROPPED.inc,
+                **log_settings,  # type: ignore[arg-type]
             )
             if SETTINGS.prediction_log
             else None
         )
+        self.follower = self.follow(log_settings)
         # Garbage-collector pauses were the p99: the start-up heap is never garbage (frozen, never scanned
         # again), and a larger young generation lets request objects die before they reach the old one.
         gc.collect()
@@ -110,8 +108,71 @@ class Classifier:
     def __is_ready__(self) -> bool:
         return getattr(self, "ready", False)
 
+    def stored_model(self) -> ServedModel:
+        """The model BentoML's store holds under the served tag, in the precision the settings resolve to."""
+        stored = self.bento_model.info.metadata
+        available = [p for p, (_, checksum) in MODEL_FILES.items() if checksum in stored]
+        precision = choose_precision(SETTINGS.precision, SETTINGS.device, available or ["fp32"])
+        file_name, checksum = MODEL_FILES[precision]
+        classifier = open_model(self.bento_model.path_of(file_name), SETTINGS, stored.get(checksum))
+        served = served_record()  # champion.json: the registry version, where it names this very model
+        tag = str(self.bento_model.tag)
+        return ServedModel(classifier, tag, served.get("version") if served.get("bentoml_tag") == tag else None)
+
+    def follow(self, log_settings: dict[str, int]) -> Follower | None:
+        """The registry follower (and the shadow process it feeds), where the settings turn following on."""
+        if not SETTINGS.follow_registry:
+            return None
+        missing = [
+            variable
+            for variable, value in (
+                ("MLFLOW_TRACKING_URI", SETTINGS.tracking_uri),
+                ("SERVING_REGISTERED_MODEL", SETTINGS.registered_model),
+            )
+            if not value
+        ]
+        if missing:
+            log.warning(
+                "not following the registry: %s not set (and no mlflow.db or champion.json here)", " and ".join(missing)
+            )
+            return None
+        shadow = None
+        if SETTINGS.shadow_share > 0 and self.log is not None:
+            log_args = [
+                f"--log-dir={SETTINGS.prediction_log_dir}",
+                f"--log-queue={log_settings['queue_requests']}",
+                f"--log-max-bytes={log_settings['max_bytes']}",
+                f"--log-max-age-s={log_settings['max_age_s']}",
+            ]
+            shadow = Shadow(
+                SETTINGS.shadow_share,
+                SETTINGS.shadow_queue,
+                log_args,
+                on_drop=SHADOW_DROPPED.inc,
+                on_batch_failure=SHADOW_FAILURES.inc,
+                on_ready=lambda model: follower.challenger_ready(model),
+                on_failure=lambda model, reason, message: follower.challenger_failed(model, reason, message),
+            )
+        follower = Follower(SETTINGS, SETTINGS.registered_model, lambda: self.served, self.swap, shadow)  # type: ignore[arg-type]
+        return follower.start()
+
+    def swap(self, new: ServedModel) -> None:
+        """Serve `new` from the next batch on; the batch running now finishes on the old model."""
+        old, self.served = self.served, new
+        self.batcher.model = new
+        new.show("champion", old)
+        log.info(
+            "now serving version %s (%s, %s), in place of version %s",
+            new.version,
+            new.tag,
+            new.classifier.precision,
+            old.version,
+        )
+
     @bentoml.on_shutdown
-    def close_log(self) -> None:
+    def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
         if self.log is not None:
             self.log.close()
 
@@ -129,16 +190,22 @@ class Classifier:
             "input_spec",
             "ood_threshold",
         )
-        served = record(SERVED_RECORD)  # the workspace's champion.json: its registry version, when it is this model
-        registry = served.get("bentoml_tag") == str(self.bento_model.tag)
+        served = self.served
+        model = served.classifier
+        follower = self.follower
         return {
-            "bentoml_tag": str(self.bento_model.tag),
-            "registered_model": served.get("registered_model") if registry else None,
-            "registered_version": served.get("version") if registry else None,
-            "execution_provider": self.model.provider,
-            "provider_fallback": self.model.fallback,
-            "precision": self.model.precision,
-            **{k: self.metadata.get(k) for k in keys},
+            "bentoml_tag": served.tag,
+            "model_version": served.version,
+            "registered_model": SETTINGS.registered_model if served.registered_version is not None else None,
+            "registered_version": served.registered_version,
+            "following_registry": follower is not None,
+            "challenger_version": None
+            if follower is None or follower.shadow is None or follower.shadow.model is None
+            else follower.shadow.model.version,
+            "execution_provider": model.provider,
+            "provider_fallback": model.fallback,
+            "precision": model.precision,
+            **{k: model.metadata.get(k) for k in keys},
         }
 
     async def decode(self, data: bytes) -> np.ndarray:
@@ -152,29 +219,37 @@ class Classifier:
         except ImageError as exc:
             raise ClientError(str(exc)) from None
 
-    def observe(self, images: np.ndarray, rows: np.ndarray, route: str, started: float) -> tuple[list[str], np.ndarray]:
-        """Count one request's predictions in the metrics and queue them for the prediction log (inputs [N,1,28,28],
-        the model's output rows); return their ids and out-of-distribution flags."""
-        columns = self.model.columns
+    async def predict_images(self, images: np.ndarray, route: str, started: float) -> Served:
+        """Model inputs [N,1,28,28] through the batcher with concurrent requests: each image's output row, counted,
+        logged and offered to the challenger, with the model that answered and the ids of its predictions."""
+        answered = await self.batcher(images)
+        model: ServedModel = answered.model  # type: ignore[assignment]
+        columns = model.classifier.columns
+        rows = answered.rows
         probabilities, scores = columns.probabilities(rows), columns.ood_score(rows)
-        flagged = scores > self.model.ood_threshold
+        flagged = scores > model.classifier.ood_threshold
         count_predictions(self.class_names, probabilities.argmax(1), probabilities.max(1), flagged)
         ids = self.ids.take(len(rows))
         if self.log is not None:
-            outputs = Outputs(probabilities, scores, columns.embedding(rows))
+            outputs = Outputs(probabilities, scores, flagged, columns.embedding(rows))
             latency_ms = (time.perf_counter() - started) * 1000
-            self.log.record(Pending(ids, time.time(), route, latency_ms, images, outputs))
-        return ids, flagged
+            self.log.record(
+                Pending(ids, time.time(), route, latency_ms, answered.model_ms, model.name, images, outputs)
+            )
+            shadow = self.follower.shadow if self.follower is not None else None
+            if shadow is not None:
+                shadow.offer(ids, route, images)
+        return Served(model, rows, ids, flagged)
 
     async def answer(self, images: np.ndarray, route: str, started: float, details: bool = False) -> list[dict]:
         """One Prediction per model input [N,1,28,28], batched with concurrent requests, counted and logged; with
         `details`, every class's probability too."""
-        rows = await self.batcher(images)
-        ids, flagged = self.observe(images, rows, route, started)
-        probabilities, scores = self.model.columns.probabilities(rows), self.model.columns.ood_score(rows)
+        served = await self.predict_images(images, route, started)
+        columns = served.model.classifier.columns
+        probabilities, scores = columns.probabilities(served.rows), columns.ood_score(served.rows)
         top = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.settings.top_k]  # ties: argmax's class
         top_p = np.take_along_axis(probabilities, top, axis=1).tolist()
-        names = self.class_names
+        names, version = self.class_names, served.model.version
         answers = [
             {
                 "prediction_id": prediction_id,
@@ -184,9 +259,10 @@ class Classifier:
                 "top_k": [{"class_name": names[i], "probability": q} for i, q in zip(labels, p, strict=True)],
                 "ood_score": score,
                 "out_of_distribution": ood,
+                "model_version": version,
             }
             for prediction_id, labels, p, score, ood in zip(
-                ids, top.tolist(), top_p, scores.tolist(), flagged.tolist(), strict=True
+                served.ids, top.tolist(), top_p, scores.tolist(), served.flagged.tolist(), strict=True
             )
         ]
         if details:
@@ -198,20 +274,37 @@ class Classifier:
     # of POST /predict and /predict_batch, from the same in-process batcher.
 
     @bentoml.api(route="/api/predict")
-    async def predict(self, image: Annotated[Path, Field(json_schema_extra={"minLength": 1})]) -> dict[str, Any]:
+    async def predict(
+        self, image: Annotated[Path, Field(json_schema_extra={"minLength": 1})], ctx: bentoml.Context
+    ) -> dict[str, Any]:
         """Classify one image file: what POST /predict answers."""
         started = time.perf_counter()
         with self.batcher.tracked(), invalid_arguments():
-            return (await self.answer(await self.decode(image.read_bytes()), "/api/predict", started))[0]
+            answer = (await self.answer(await self.decode(image.read_bytes()), "/api/predict", started))[0]
+            ctx.response.headers[VERSION_HEADER] = answer["model_version"]
+            return answer
 
     @bentoml.api(route="/api/predict_batch")
-    async def predict_batch(self, images: ImageRows) -> list[dict[str, Any]]:
+    async def predict_batch(self, images: ImageRows, ctx: bentoml.Context) -> list[dict[str, Any]]:
         """Classify images given as pixel arrays (each 28 rows of 28 integers 0-255): what POST /predict_batch
         answers."""
         started = time.perf_counter()
         with self.batcher.tracked(), invalid_arguments():
             batch = images_to_array(images, self.settings.max_batch_images, self.image_shape)
-            return await self.answer(batch, "/api/predict_batch", started)
+            answers = await self.answer(batch, "/api/predict_batch", started)
+            ctx.response.headers[VERSION_HEADER] = answers[0]["model_version"]
+            return answers
+
+
+@dataclass(frozen=True)
+class Served:
+    """A request's images as the batcher answered them: the model, its output rows, the prediction ids, the
+    out-of-distribution flags."""
+
+    model: ServedModel
+    rows: np.ndarray
+    ids: list[str]
+    flagged: np.ndarray
 
 
 # bentoml.service returns a Service, which its type hints present as the class; the first middleware added is

@@ -13,8 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serving.model_store import WORKSPACE, default_model_tag, in_workspace
+from serving.model_store import WORKSPACE, default_model_tag, in_workspace, served_record, workspace_store
 from serving.preprocess import MAX_IMAGE_PIXELS
+from serving.registry import CHALLENGER, CHAMPION
 
 MAX_BATCH_IMAGES = 1024  # default of SERVING_MAX_BATCH_IMAGES, also stated in the OpenAPI document
 ENV_PREFIX = "SERVING_"
@@ -38,6 +39,21 @@ def threads_per_worker(data: dict[str, Any]) -> int:
 def champion_tag() -> str:
     """the tag in champion.json; in a built bento, its model's"""
     return default_model_tag()
+
+
+def follows_by_default() -> bool:
+    """`true` where `make serve` serves champion.json's model, `false` in a built bento and with BENTO_MODEL_TAG"""
+    return in_workspace() and not os.environ.get("BENTO_MODEL_TAG")
+
+
+def tracking_store() -> str | None:
+    """the workspace's `sqlite:///<repo>/mlflow.db` where it exists"""
+    return workspace_store()
+
+
+def served_registered_model() -> str | None:
+    """champion.json's `registered_model`"""
+    return served_record().get("registered_model")
 
 
 def prediction_log_dir() -> Path:
@@ -118,6 +134,32 @@ class ServingSettings(BaseSettings):
         None,
         description="the bearer token POST /feedback requires; unset, feedback is refused (403): it becomes "
         "training data, so nobody may write it anonymously",
+    )
+    follow_registry: bool = Field(
+        default_factory=follows_by_default,
+        description="each worker watches the registry's champion alias and swaps to the version it names, with no "
+        "restart (docs/serving.md); a built bento serves the model it packages unless this is set",
+    )
+    tracking_uri: str | None = Field(
+        default_factory=tracking_store,
+        validation_alias="MLFLOW_TRACKING_URI",
+        description="the MLflow tracking server or store whose registry the service follows",
+    )
+    registered_model: str | None = Field(
+        default_factory=served_registered_model, description="the registered model whose aliases the service follows"
+    )
+    champion_alias: str = Field(CHAMPION, description="the alias of the version served")
+    challenger_alias: str = Field(
+        CHALLENGER, description="the alias of a version tried on live traffic beside the champion (shadow)"
+    )
+    registry_poll_s: Annotated[float, Field(gt=0)] = Field(5.0, description="seconds between two looks at the aliases")
+    shadow_share: Annotated[float, Field(ge=0, le=100)] = Field(
+        100.0,
+        description="percent of requests the challenger also answers, off the request path, at the lowest CPU "
+        "priority; 0 turns shadowing off",
+    )
+    shadow_queue: PositiveInt = Field(
+        1000, description="requests waiting for the challenger; past that they are not shadowed, and counted"
     )
     access_log: bool = Field(
         False,

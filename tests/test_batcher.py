@@ -39,21 +39,22 @@ def test_concurrent_calls_share_batches_and_each_gets_its_own_answer():
     inputs = requests(20) + requests(3, size=3)
     outputs = asyncio.run(call_all(batcher, inputs))
     for images, output in zip(inputs, outputs, strict=True):
-        assert (output == images.reshape(len(images), -1).sum(axis=1, keepdims=True) * 2).all()
+        assert output.model is model and output.model_ms >= 0
+        assert (output.rows == images.reshape(len(images), -1).sum(axis=1, keepdims=True) * 2).all()
     assert sum(model.batches) == 29 and max(model.batches) <= 8 and len(model.batches) < 23
 
 
 def test_a_call_larger_than_the_batch_limit_runs_alone():
     model = RecordingModel()
     outputs = asyncio.run(call_all(MicroBatcher(model, max_batch_size=4), requests(2, size=10)))
-    assert model.batches == [10, 10] and [len(o) for o in outputs] == [10, 10]
+    assert model.batches == [10, 10] and [len(o.rows) for o in outputs] == [10, 10]
 
 
 def test_a_lone_request_runs_at_once_without_the_model_thread():
     model = RecordingModel()
     batcher = MicroBatcher(model, max_batch_size=8)
     outputs = asyncio.run(call_all(batcher, requests(1)))
-    assert model.batches == [1] and batcher.runner is None and outputs[0].shape == (1, 1)
+    assert model.batches == [1] and batcher.runner is None and outputs[0].rows.shape == (1, 1)
 
 
 def test_every_caller_of_a_failed_batch_gets_the_error():
@@ -86,3 +87,21 @@ def test_the_batch_size_observer_sees_every_batch(size):
     model = RecordingModel()
     asyncio.run(call_all(MicroBatcher(model, max_batch_size=64, on_batch=seen.append), requests(size)))
     assert seen == model.batches
+
+
+def test_a_model_swapped_in_serves_the_next_batch_and_the_running_one_finishes_on_the_old():
+    old, new = RecordingModel(), RecordingModel()
+    batcher = MicroBatcher(old, max_batch_size=4)
+
+    async def scenario():
+        with batcher.tracked(), batcher.tracked():
+            first = [asyncio.create_task(batcher(images)) for images in requests(4)]
+            while not old.batches:  # the first batch has started on `old`
+                await asyncio.sleep(0.001)
+            batcher.model = new
+            later = [asyncio.create_task(batcher(images)) for images in requests(4)]
+            return await asyncio.gather(*first), await asyncio.gather(*later)
+
+    first, later = asyncio.run(scenario())
+    assert {a.model for a in first} == {old} and {a.model for a in later} == {new}
+    assert sum(old.batches) == 4 and sum(new.batches) == 4

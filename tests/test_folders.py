@@ -1,4 +1,4 @@
-"""Image folders as training data, the gate's rule, feedback as an image folder, the retraining advice: in-process."""
+"""Image folders as training data, feedback as an image folder, the retraining advice: in-process."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from training.config import MonitorSettings, Params
 from training.data import Prepared, PreparedDataset
 from training.errors import ConfigError
 from training.folders import FolderFormatError, add_extra_folders, held_out, prepare, read_folder
-from training.gate import decide
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -163,16 +162,24 @@ def test_extra_folders_join_training_and_hold_out_their_share(tmp_path, monkeypa
     assert add_extra_folders(base, settings.model_copy(update={"extra": []})) is base
 
 
-def test_the_gate_promotes_a_first_model_and_refuses_a_worse_one():
-    assert decide({"test": 0.5}, None, 0.2).promote
-    champion = {"test": 0.90, "holdout_feedback": 0.60}
-    assert decide({"test": 0.899, "holdout_feedback": 0.70}, champion, 0.2).promote  # within the tolerance
-    worse_test = decide({"test": 0.895, "holdout_feedback": 0.70}, champion, 0.2)
-    assert (
-        not worse_test.promote and "test 89.50% against the champion's 90.00%, 0.50 points worse" in worse_test.reason
-    )
-    worse_folder = decide({"test": 0.91, "holdout_feedback": 0.59}, champion, 0.2)
-    assert not worse_folder.promote and "holdout_feedback 59.00%" in worse_folder.reason
+def test_the_feedback_folder_is_read_by_default_once_it_holds_images(tmp_path, monkeypatch):
+    """params.yaml lists data/extra/feedback: absent or empty, it adds nothing and changes nothing (the prepared
+    data stays byte for byte what it was); once `make feedback-data` wrote images, they train."""
+    monkeypatch.chdir(tmp_path)
+    settings = Params.load(REPO_PARAMS).data
+    assert settings.extra == ["data/extra/feedback"]
+    rng = np.random.default_rng(0)
+    arrays = {f"x_{s}": rng.integers(0, 256, (10, 1, 28, 28)).astype(np.uint8) for s in ("train", "val", "test")}
+    arrays |= {f"y_{s}": rng.integers(0, 10, 10).astype(np.uint8) for s in ("train", "val", "test")}
+    base = PreparedDataset(Prepared(arrays), {"class_names": CLASSES, "dataset": "fashion-mnist"})
+    assert add_extra_folders(base, settings) is base
+    (tmp_path / "data/extra/feedback").mkdir(parents=True)
+    assert add_extra_folders(base, settings) is base
+    make_folder(tmp_path / "data/extra/feedback", {"Bag": 30})
+    result = add_extra_folders(base, settings)
+    assert result.card["extra"]["data/extra/feedback"]["train"] + len(result.prepared.labels("holdout_feedback")) == 30
+    with pytest.raises(ConfigError, match="data/extra/photos: no such folder"):
+        add_extra_folders(base, settings.model_copy(update={"extra": ["data/extra/photos"]}))  # any other: must exist
 
 
 def test_feedback_images_keep_what_a_person_did_until_a_newer_label(tmp_path, monkeypatch):

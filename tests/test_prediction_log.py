@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from serving.prediction_log import (
+    CHALLENGER,
+    ModelName,
     Outputs,
     Pending,
     PredictionIds,
@@ -22,20 +24,24 @@ from serving.prediction_log import (
 
 CLASSES = [f"class {i}" for i in range(10)]
 IDS = PredictionIds()
+MODEL = ModelName("model:v1", "1", "int8")
 
 
-def pending(count: int, seed: int = 0, route: str = "/predict", ids: PredictionIds = IDS) -> Pending:
+def pending(
+    count: int, seed: int = 0, route: str = "/predict", ids: PredictionIds = IDS, model: ModelName = MODEL
+) -> Pending:
     rng = np.random.default_rng(seed)
     probabilities = rng.dirichlet(np.ones(10), count).astype(np.float32)
-    outputs = Outputs(probabilities, rng.normal(0, 10, count).astype(np.float32), rng.normal(0, 1, (count, 16)))
+    scores = rng.normal(0, 10, count).astype(np.float32)
+    outputs = Outputs(probabilities, scores, scores > 5.0, rng.normal(0, 1, (count, 16)))
     inputs = rng.integers(0, 256, (count, 1, 28, 28), dtype=np.uint8)
-    return Pending(ids.take(count), time.time(), route, 3.5, inputs, outputs)
+    return Pending(ids.take(count), time.time(), route, 3.5, 1.25, model, inputs, outputs)
 
 
 def open_log(root, drops: list, ids: PredictionIds = IDS, **changes) -> PredictionLog:
     options = dict(keep_inputs=True, queue_requests=100, max_bytes=64 << 20, max_age_s=3600.0)
     options.update(changes)
-    return PredictionLog(root, ids.token, "model:v1", "int8", CLASSES, 5.0, on_drop=drops.append, **options)  # type: ignore[arg-type]
+    return PredictionLog(root, ids.token, CLASSES, on_drop=drops.append, **options)  # type: ignore[arg-type]
 
 
 def test_every_record_holds_what_the_service_answered_and_the_input(tmp_path):
@@ -57,7 +63,8 @@ def test_every_record_holds_what_the_service_answered_and_the_input(tmp_path):
     np.testing.assert_array_equal(np.frombuffer(row["probabilities"], np.float32), batch.outputs.probabilities[7])
     assert np.frombuffer(row["embedding"], np.float32).shape == (16,)
     assert row["out_of_distribution"] == int(batch.outputs.ood_score[7] > 5.0)
-    assert (row["model_tag"], row["precision"], row["latency_ms"]) == ("model:v1", "int8", 3.5)
+    assert (row["model_tag"], row["model_version"], row["precision"]) == ("model:v1", "1", "int8")
+    assert (row["latency_ms"], row["model_ms"], row["role"]) == (3.5, 1.25, "champion")
     assert row["mean_intensity"] == pytest.approx(batch.inputs[7].mean() / 255, rel=1e-5)
     assert [p.parent for p in segments(tmp_path)] == [log.folder] and log.folder.name.endswith(IDS.token)
 
@@ -152,3 +159,28 @@ def test_a_window_by_time_or_by_count(tmp_path):
     log.close()
     assert len(list(read_predictions(tmp_path, since=2000.0))) == 5
     assert [r["id"] for r in read_predictions(tmp_path, last=3)] == second.ids[2:]
+
+
+def test_each_record_names_the_model_that_answered_and_a_challengers_are_read_apart(tmp_path):
+    """A swap between two requests of one flush: each record keeps its model; the shadow process's records
+    (role challenger, no inputs) share the champion's ids and are not read as answers."""
+    drops: list[int] = []
+    log = open_log(tmp_path, drops)
+    old, new = pending(3, 1), pending(2, 2, model=ModelName("model:v2", "2", "int8"))
+    log.record(old)
+    log.record(new)
+    log.close()
+    shadow_ids = PredictionIds()
+    shadow = open_log(tmp_path, drops, ids=shadow_ids, keep_inputs=False, role=CHALLENGER)
+    answered = pending(3, 3, model=ModelName("model:v3", "3", "int8"))
+    answered.ids, answered.inputs = old.ids, None
+    answered.outputs.embedding = None
+    shadow.record(answered)
+    shadow.close()
+    rows = read_predictions(tmp_path)
+    assert [(r["id"], r["model_version"]) for r in rows] == [(i, "1") for i in old.ids] + [(i, "2") for i in new.ids]
+    challenger = read_predictions(tmp_path, role=CHALLENGER)
+    assert [(r["id"], r["model_version"], r["role"]) for r in challenger] == [(i, "3", CHALLENGER) for i in old.ids]
+    assert challenger[0]["model_input"] is None and challenger[0]["embedding"] is None
+    assert challenger[0]["input_sha256"] is None and drops == []
+    assert find_prediction(tmp_path, old.ids[0])["model_version"] == "1"  # feedback finds the answer served

@@ -1,6 +1,7 @@
 """The files the service runs, from a trained model: the fp32 ONNX file with its out-of-distribution score fitted
 on training images and parity-checked against PyTorch, its int8 twin behind the accuracy gate, each file's OOD
-threshold calibrated on validation images, and the monitoring reference (the validation split as each file
+threshold calibrated on validation images, a probe batch of validation images with each file's answers in that
+file's metadata (checked wherever the file is loaded), and the monitoring reference (the validation split as each file
 sees it). What the export stage writes; the tests build their small served model the same way."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from serving.model_store import INT8_FILE, ONNX_FILE, REFERENCE_FILE
+from serving.probe import METADATA_KEY as PROBE_KEY
+from serving.probe import PROBE_IMAGES, probe_record
 from serving.statistics import input_statistics
 from training.config import ExportSettings
 from training.data import Prepared, save_npz
@@ -89,6 +92,7 @@ def build_bundle(
     )
 
     val_images = data.images("val")
+    probe = seeded_draw(len(val_images), PROBE_IMAGES, seed)
     reference = {"input_statistics": input_statistics(val_images)}
     scores: dict[str, dict[str, float]] = {}
     for precision, file, test in (("fp32", path, fp32_test), ("int8", int8_path, int8_test)):
@@ -97,7 +101,14 @@ def build_bundle(
         figures = calibrate(
             validation["ood_score"], test["ood_score"], contrast_scores, settings.ood.false_positive_rate
         )
-        add_metadata(file, {"ood_threshold": figures["threshold"]})
+        recorded = probe_record(
+            val_images[probe],
+            validation["probabilities"][probe],
+            validation["ood_score"][probe],
+            settings.parity_atol,
+            settings.ood.parity_rtol,
+        )
+        add_metadata(file, {"ood_threshold": figures["threshold"], PROBE_KEY: recorded})
         reference.update({f"{precision}_{key}": validation[key] for key in REFERENCE_OUTPUTS})
         scores[precision] = figures
         log.info(

@@ -321,9 +321,26 @@ class OodSettings(Group):
     parity_rtol: Annotated[float, Field(gt=0)]  # max |s_onnx - s_torch| / max(1, |s_torch|) over the test set
 
 
+GateMode = Literal["promote", "shadow", "record"]
+Points = Annotated[float, Field(ge=0, le=100)]
+Alpha = Annotated[float, Field(gt=0, lt=1)]
+
+
 class GateSettings(Group):
-    tolerance: Annotated[float, Field(ge=0)]  # percentage points the challenger may lose on the official test set
-    promote: bool  # false: the decision is recorded, the registry left as it is
+    mode: GateMode  # what a challenger that passes becomes: the champion, the `challenger` alias, or nothing
+    experiment_mode: GateMode  # the mode under `dvc exp run`
+    precision: Literal["auto", "fp32", "int8"]  # the file judged; auto: what the service serves on this machine
+    tolerance: Points  # points the challenger may lose on the official test set...
+    holdout_tolerance: Points  # ...and on each extra folder's held-out share...
+    alpha: Alpha  # ...where McNemar's test finds the loss significant at this level
+
+
+class PromoteSettings(Group):
+    """`make promote`: the shadowed challenger against the champion on labelled live traffic."""
+
+    min_labels: PositiveInt  # labelled predictions both models answered
+    tolerance: Points  # points the challenger may lose on them...
+    alpha: Alpha  # ...where McNemar's test finds the loss significant at this level
 
 
 class MonitorSettings(Group):
@@ -351,6 +368,7 @@ class Params(Group):
     mlflow: MlflowSettings
     export: ExportSettings
     gate: GateSettings
+    promote: PromoteSettings
     monitor: MonitorSettings
 
     @classmethod

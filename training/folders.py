@@ -7,13 +7,14 @@ set."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from serving.preprocess import MAX_IMAGE_PIXELS, ImageError, image_to_input
-from training.config import DataSettings
+from training.config import FEEDBACK_DIR, DataSettings
 from training.data import (
     SPLITS,
     Prepared,
@@ -26,6 +27,8 @@ from training.data import (
 )
 from training.datasets import IMAGE_SHAPE, MAX_CLASSES, MIN_CLASSES
 from training.errors import ConfigError, PipelineError
+
+log = logging.getLogger("prepare")
 
 
 class FolderFormatError(PipelineError):
@@ -131,16 +134,30 @@ def holdout_split(folder: str) -> str:
     return f"holdout_{Path(folder).name}"
 
 
+def extra_folders(settings: DataSettings) -> list[str]:
+    """`data.extra`'s folders that hold images: the feedback folder is listed by default and stays empty until
+    `make feedback-data` writes labelled predictions into it; any other listed folder must exist."""
+    found = []
+    for folder in settings.extra:
+        path = Path(folder)
+        if path == FEEDBACK_DIR and not any(p.is_file() for p in path.glob("*/[!.]*")):
+            log.info("%s holds no labelled images yet (`make feedback-data` writes them): nothing added", folder)
+            continue
+        found.append(folder)
+    return found
+
+
 def add_extra_folders(result: PreparedDataset, settings: DataSettings) -> PreparedDataset:
     """The prepared data with each of `data.extra`'s folders: its files, less their held-out share, appended to
     the training split; the held-out share as a split of its own. Validation and test stay as they are."""
-    if not settings.extra:
+    folders = extra_folders(settings)
+    if not folders:
         return result
     arrays, card = dict(result.prepared.arrays), dict(result.card)
     class_names = card["class_names"]
     extra: dict[str, dict[str, int | str]] = {}
     held: list[str] = []
-    for folder in settings.extra:
+    for folder in folders:
         images = read_folder(Path(folder), class_names, settings.spec.upload_fit)
         mask = held_out(images.names, settings.extra_holdout)
         train, holdout = images.take(~mask), images.take(mask)

@@ -1,49 +1,25 @@
-"""The MLflow Model Registry holds what is served: each version is the exported ONNX file (mlflow.onnx flavour;
-`mlflow.pyfunc.load_model` answers as the service does), tagged with its BentoML tag and figures. The alias
-`mlflow.alias` (champion) is the served version, `previous` the one it replaced."""
+"""The MLflow Model Registry holds what is served: each version is the exported ONNX file (mlflow.onnx flavour,
+with a signature and an input example; `mlflow.pyfunc.load_model` answers as the service does), tagged with
+its BentoML tag, its files' checksums and figures. The alias `mlflow.alias` (champion) is the served version,
+`previous` the one it replaced, `challenger` a version tried on live traffic before it serves."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
+import numpy as np
 
+from serving.files import sha256_file
+from serving.model_store import STORED_FILES
+from serving.registry import CHALLENGER, PREVIOUS, RUN_FILES, Version, by_alias, download, version_of
 from training import tracking
 from training.errors import PipelineError
 
-PREVIOUS = "previous"
 SERVED_MODEL = "served_model"  # the ONNX model's name in its run's artifacts
-EXTRA_FILES = "onnx"  # the int8 file and the monitoring reference, in the run's artifacts (export stage)
+EXAMPLE_IMAGES = 2  # test images in each version's input example
 
-
-@dataclass
-class Version:
-    """A registered version of the served model: what champion.json and `make rollback` need."""
-
-    version: int
-    run_id: str
-    tags: dict[str, str]
-
-    @property
-    def bentoml_tag(self) -> str:
-        return self.tags["bentoml_tag"]
-
-
-def _version(found: ModelVersion) -> Version:
-    return Version(int(found.version), found.run_id or "", dict(found.tags))
-
-
-def by_alias(name: str, alias: str) -> Version | None:
-    """The version `alias` points at, or None (no such model, no such alias)."""
-    try:
-        return _version(mlflow.MlflowClient().get_model_version_by_alias(name, alias))
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
+__all__ = ["CHALLENGER", "PREVIOUS", "RUN_FILES", "Version", "by_alias", "download"]
 
 
 def is_served_model(version: Version | None) -> bool:
@@ -51,38 +27,35 @@ def is_served_model(version: Version | None) -> bool:
     return version is not None and "bentoml_tag" in version.tags
 
 
-def download(name: str, version: Version, folder: Path) -> dict[str, Path]:
-    """A version's files by role, as the BentoML store keeps them: the registered fp32 ONNX file, and the int8
-    file and monitoring reference from its run, where the export stage logged them."""
-    from serving.model_store import INT8_FILE, ONNX_FILE, REFERENCE_FILE
-
-    folder.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(folder)))
-    files = {"fp32": model_dir / ONNX_FILE}
-    for role, file in (("int8", INT8_FILE), ("reference", REFERENCE_FILE)):
-        try:
-            files[role] = Path(
-                mlflow.artifacts.download_artifacts(
-                    run_id=version.run_id, artifact_path=f"{EXTRA_FILES}/{file}", dst_path=str(folder / role)
-                )
-            )
-        except MlflowException:
-            if role == "reference":
-                raise PipelineError(f"{name} version {version.version}: its run has no {EXTRA_FILES}/{file}") from None
-    return files
+def checksums(files: dict[str, Path]) -> dict[str, str]:
+    """Every exported file's sha256, as a version's tags (and the BentoML store's metadata) name them."""
+    return {STORED_FILES[role][1]: sha256_file(path) for role, path in files.items()}
 
 
-def register(name: str, run_id: str, onnx_file: Path, tags: dict[str, str]) -> Version:
-    """The ONNX file as a new version of `name`, logged in the challenger's run, with `tags`."""
+def signature(onnx_file: Path, example: np.ndarray):
+    """The served graph's signature: uint8 images [-1,1,28,28] in; logits, probabilities, the OOD score and the
+    embedding out, named as the graph names them, inferred from its answers to `example`."""
+    from mlflow.models import infer_signature
+
+    from training.export import INPUT_NAME, onnx_outputs
+
+    return infer_signature({INPUT_NAME: example}, onnx_outputs(onnx_file, example))
+
+
+def register(name: str, run_id: str, onnx_file: Path, example: np.ndarray, tags: dict[str, str]) -> Version:
+    """The ONNX file as a new version of `name`, logged in the challenger's run with its signature and
+    `example` images as input example, with `tags`."""
     import onnx
 
-    from training.tracking import start_run
+    from training.export import INPUT_NAME
 
-    with start_run(run_id=run_id):
+    with tracking.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_file)),
             name=SERVED_MODEL,
             registered_model_name=name,
+            signature=signature(onnx_file, example),
+            input_example={INPUT_NAME: example},
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
         )
@@ -90,11 +63,12 @@ def register(name: str, run_id: str, onnx_file: Path, tags: dict[str, str]) -> V
     version = str(info.registered_model_version)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    return _version(client.get_model_version(name, version))
+    return version_of(client.get_model_version(name, version))
 
 
-def version_tags(challenger: dict, exported: dict, onnx_sha256: str) -> dict[str, str]:
-    """What a version says about itself: enough to write champion.json and restore it into BentoML's store."""
+def version_tags(challenger: dict, exported: dict, files: dict[str, Path]) -> dict[str, str]:
+    """What a version says about itself: enough to write champion.json, restore it into BentoML's store and
+    verify each of its files."""
     return {
         "model": challenger["model"],
         "dataset": challenger["dataset"],
@@ -102,8 +76,8 @@ def version_tags(challenger: dict, exported: dict, onnx_sha256: str) -> dict[str
         "test_accuracy": str(challenger["test_accuracy"]),
         "parameters": str(challenger["parameters"]),
         "bentoml_tag": exported["bentoml_tag"],
-        "onnx_sha256": onnx_sha256,
         "git_commit": exported.get("git_commit", "unknown"),
+        **checksums(files),
     }
 
 
@@ -126,23 +100,31 @@ def served_record(name: str, alias: str, version: Version) -> dict:
 
 def served_versions(name: str) -> list[Version]:
     found = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
-    return sorted((v for v in map(_version, found) if is_served_model(v)), key=lambda v: v.version)
+    return sorted((v for v in map(version_of, found) if is_served_model(v)), key=lambda v: v.version)
 
 
 def rolled_back_version(name: str, onnx_sha256: str) -> int | None:
     """The version holding this very ONNX file, if `make rollback` retired it: the gate never promotes it again."""
     for version in served_versions(name):
-        if version.tags.get("onnx_sha256") == onnx_sha256 and version.tags.get("rolled_back"):
+        if version.sha256("fp32") == onnx_sha256 and version.tags.get("rolled_back"):
             return version.version
     return None
 
 
 def promote(name: str, alias: str, version: Version, champion: Version | None) -> None:
-    """`alias` to `version`; `previous` to the version it replaced."""
+    """`alias` to `version`; `previous` to the version it replaced; a `challenger` alias on `version` removed."""
     client = mlflow.MlflowClient()
     if champion is not None:
         client.set_registered_model_alias(name, PREVIOUS, str(champion.version))
     client.set_registered_model_alias(name, alias, str(version.version))
+    challenger = by_alias(name, CHALLENGER)
+    if challenger is not None and challenger.version == version.version:
+        client.delete_registered_model_alias(name, CHALLENGER)
+
+
+def shadow(name: str, version: Version) -> None:
+    """`challenger` to `version`: the service tries it on live traffic beside the champion."""
+    mlflow.MlflowClient().set_registered_model_alias(name, CHALLENGER, str(version.version))
 
 
 def roll_back(name: str, alias: str, when: str) -> tuple[Version, Version]:

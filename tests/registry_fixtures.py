@@ -1,0 +1,136 @@
+"""A real MLflow registry for serving tests: versions registered as the gate registers them, aliases moved as
+`make promote` and `make rollback` move them, and a load that records which version answered each request."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import mlflow
+import numpy as np
+import orjson
+import requests
+
+from training import registry
+from training.export import add_metadata
+
+REGISTERED = "fashion-mnist-classifier"
+
+
+def variant(files: dict[str, Path], folder: Path, model_name: str) -> dict[str, Path]:
+    """Copies of the served files that differ in their metadata only: another file, the same answers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = {role: Path(shutil.copy(path, folder / path.name)) for role, path in files.items()}
+    for role in ("fp32", "int8"):
+        add_metadata(copies[role], {"model_name": model_name})
+    return copies
+
+
+def register_version(
+    uri: str, files: dict[str, Path], bentoml_tag: str, corrupt_int8: bool = False
+) -> registry.Version:
+    """The files as a new version of REGISTERED, logged and tagged as the gate does it; `corrupt_int8`: the run's
+    int8 file has a byte changed after its checksum was taken, as a damaged upload would."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("serving-tests")
+    with mlflow.start_run() as run:
+        for role in ("int8", "reference"):
+            path = files[role]
+            if role == "int8" and corrupt_int8:
+                data = bytearray(path.read_bytes())
+                data[len(data) // 2] ^= 0xFF
+                path = path.parent / "damaged" / path.name
+                path.parent.mkdir(exist_ok=True)
+                path.write_bytes(bytes(data))
+            mlflow.log_artifact(str(path), registry.RUN_FILES)
+    example = np.zeros((2, 1, 28, 28), np.uint8)
+    tags = {"bentoml_tag": bentoml_tag, "gate.decision": "promoted", **registry.checksums(files)}
+    return registry.register(REGISTERED, run.info.run_id, files["fp32"], example, tags)
+
+
+def set_alias(uri: str, alias: str, version: registry.Version) -> None:
+    mlflow.MlflowClient(uri).set_registered_model_alias(REGISTERED, alias, str(version.version))
+
+
+@dataclass(frozen=True)
+class Answer:
+    sent: float  # time.monotonic() when the request left
+    seconds: float
+    status: int
+    version: str | None  # the X-Model-Version header
+    body_version: str | None
+    prediction_id: str | None
+
+    @property
+    def worker(self) -> str | None:
+        """The worker that answered: its token, the first 16 hex digits of the prediction id."""
+        return None if self.prediction_id is None else self.prediction_id[:16]
+
+
+class RecordedLoad(threading.Thread):
+    """`clients` concurrent clients sending one-image JSON requests to /predict_batch for `seconds`, each
+    answer recorded; a thread of its own, so the test moves aliases meanwhile."""
+
+    def __init__(self, url: str, images: np.ndarray, clients: int, seconds: float):
+        super().__init__(daemon=True)
+        self.url, self.clients, self.seconds = url + "/predict_batch", clients, seconds
+        self.bodies = [orjson.dumps({"images": [image[0].tolist()]}) for image in images[:200]]
+        self.answers: list[Answer] = []
+
+    def run(self) -> None:
+        asyncio.run(self._load())
+
+    async def _load(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        headers = {"content-type": "application/json"}
+
+        async def client(session: aiohttp.ClientSession, number: int) -> None:
+            sent_count = number
+            while time.monotonic() < deadline:
+                body = self.bodies[sent_count % len(self.bodies)]
+                sent_count += self.clients
+                sent = time.monotonic()
+                async with session.post(self.url, data=body, headers=headers) as response:
+                    payload = await response.read()
+                    seconds = time.monotonic() - sent
+                    answer = orjson.loads(payload)[0] if response.status == 200 else {}
+                    self.answers.append(
+                        Answer(
+                            sent,
+                            seconds,
+                            response.status,
+                            response.headers.get("X-Model-Version"),
+                            answer.get("model_version"),
+                            answer.get("prediction_id"),
+                        )
+                    )
+
+        timeout = aiohttp.ClientTimeout(total=60)
+        # a connection per request: the workers share one listening socket, and long-lived connections can all
+        # land on one of them
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            await asyncio.gather(*(client(session, n) for n in range(self.clients)))
+
+
+def p99(answers: list[Answer]) -> float:
+    return float(np.percentile([a.seconds for a in answers], 99))
+
+
+def serving_everywhere(url: str, version: str, workers: int, timeout: float = 60) -> None:
+    """Wait until every worker says in the `serving_model_info` gauge that it serves `version` as champion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = requests.get(f"{url}/metrics", timeout=10).text
+        serving = [
+            line for line in text.splitlines() if line.startswith("serving_model_info{") and line.endswith(" 1.0")
+        ]
+        if sum('role="champion"' in line and f'version="{version}"' in line for line in serving) == workers:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"not every worker serves version {version} after {timeout} s")
