@@ -139,7 +139,8 @@ class Follower:
         except ReloadError as exc:
             self.failed_version(alias, version.version, exc.reason, str(exc), "nothing shadowed")
             return
-        shadow.start(ModelName(version.bentoml_tag, str(version.version), precision), path)
+        checksum = version.sha256(precision) or ""  # fetch_version refuses a version that records none
+        shadow.start(ModelName(version.bentoml_tag, str(version.version), precision), path, checksum)
         self.shadowed = version.version
         for old in self.challenger_files.iterdir():
             if old != folder:
@@ -163,7 +164,7 @@ class Follower:
         self.failed[alias] = version
         RELOAD_FAILURES.labels(alias, reason).inc()
         log.warning(
-            "%s version %d (alias %r) not taken, %s failed: %s; %s",
+            "%s version %d (alias %r) not taken (%s): %s; %s",
             self.name,
             version,
             alias,

@@ -161,13 +161,16 @@ class Classifier:
         old, self.served = self.served, new
         self.batcher.model = new
         new.show("champion", old)
-        log.info(
-            "now serving version %s (%s, %s), in place of version %s",
-            new.version,
-            new.tag,
-            new.classifier.precision,
-            old.version,
-        )
+        if new.tag == old.tag:
+            log.info("the model served (%s) is registered version %s", new.tag, new.version)
+        else:
+            log.info(
+                "now serving version %s (%s, %s) in place of version %s",
+                new.version,
+                new.tag,
+                new.classifier.precision,
+                old.version,
+            )
 
     @bentoml.on_shutdown
     def close(self) -> None:

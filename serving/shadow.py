@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -84,10 +85,10 @@ class Shadow:
 
     # the follower's side
 
-    def start(self, model: ModelName, path: Path) -> None:
-        """Run `model` (its file at `path`, already verified) as the challenger, in place of any other."""
+    def start(self, model: ModelName, path: Path, sha256: str) -> None:
+        """Run `model` (its file at `path`, verified to have `sha256`) as the challenger, in place of any other."""
         self.stop()
-        command = [sys.executable, "-m", "serving.shadow", str(path), model.tag, model.version, *self.log_args]
+        command = [sys.executable, "-m", "serving.shadow", str(path), sha256, model.tag, model.version, *self.log_args]
         child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         requests: queue.Queue[Request | None] = queue.Queue(self.queue_requests)
         with self.lock:
@@ -115,6 +116,7 @@ class Shadow:
     # the threads that talk to the child
 
     def _read_events(self, child: subprocess.Popen, events: IO[bytes], model: ModelName) -> None:
+        failed_batches = 0
         for line in events:
             try:
                 event = json.loads(line)
@@ -131,7 +133,14 @@ class Shadow:
                 self.on_drop(int(event["count"]))
             elif event["event"] == "batch_failed":
                 self.on_batch_failure()
-                log.warning("challenger version %s failed a batch: %s", model.version, event["message"])
+                failed_batches += 1
+                if failed_batches == 1:
+                    log.warning(
+                        "challenger version %s failed a batch (the next are counted in serving_shadow_failures_total): "
+                        "%s",
+                        model.version,
+                        event["message"],
+                    )
         code = child.wait()
         with self.lock:
             crashed = self.child is child and self.model is not None
@@ -196,7 +205,8 @@ def report(event: str, **fields: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="the challenger of one worker (started by serving.shadow.Shadow)")
-    parser.add_argument("model", help="the challenger's model file, verified")
+    parser.add_argument("model", help="the challenger's model file")
+    parser.add_argument("sha256", help="the file's checksum, as registered")
     parser.add_argument("tag", help="its BentoML tag")
     parser.add_argument("version", help="its registered version")
     parser.add_argument("--log-dir", type=Path, required=True)
@@ -205,8 +215,10 @@ def main() -> None:
     parser.add_argument("--log-max-age-s", type=float, required=True)
     args = parser.parse_args()
     os.nice(19)  # only CPU time the champion leaves idle
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the worker stops it (its stdin closes) when it stops itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        model = OnnxClassifier(args.model, device="cpu", threads=1)
+        model = OnnxClassifier(args.model, device="cpu", threads=1, expected_sha256=args.sha256)
     except ProbeError as exc:
         report("failed", reason="probe", message=str(exc))
         return

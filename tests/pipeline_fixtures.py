@@ -1,12 +1,18 @@
 """A real `dvc repro` in a copy of the repo on a tiny subset: the helpers the pipeline tests share."""
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import requests
 import yaml
+
+from tests.conftest import REPO
 
 VENV_BIN = Path(sys.executable).parent
 ZOO = ["mlp_relu_10", "cnn_basic"]
@@ -44,3 +50,41 @@ def run(cmd: list[str], repo: Path, env: dict, timeout: int = 600) -> str:
     done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{cmd} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
+
+
+def with_environment(repo: Path) -> Path:
+    """The copy `repo` set up as `make setup` leaves a clone (the repo's own .venv and uv), so that `make <target>`
+    runs there at once."""
+    for folder in (".venv", ".tools"):
+        (repo / folder).symlink_to(REPO / folder)
+    return repo
+
+
+def make(target: list[str], repo: Path, env: dict, timeout: int = 900) -> str:
+    """`make <target>` in `repo`; it must succeed."""
+    done = subprocess.run(["make", "-s", *target], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"make {target} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@contextlib.contextmanager
+def make_target(target: list[str], env: dict[str, str], ready_url: str, log: Path, cwd: Path = REPO):
+    """`make <target>` in `cwd`, ready when `ready_url` answers 200, then stopped with its children."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(["make", "-s", *target], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(ready_url, timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"make {target[0]} not ready:\n{log.read_text()[-3000:]}")
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)

@@ -16,6 +16,9 @@ import numpy as np
 import orjson
 import requests
 
+from serving.model_store import read_metadata
+from serving.prediction_log import CHALLENGER, read_predictions
+from tests.serving_fixtures import metric_samples
 from training import registry
 from training.export import add_metadata
 
@@ -48,8 +51,12 @@ def register_version(
                 path.parent.mkdir(exist_ok=True)
                 path.write_bytes(bytes(data))
             mlflow.log_artifact(str(path), registry.RUN_FILES)
-    example = np.zeros((2, 1, 28, 28), np.uint8)
-    tags = {"bentoml_tag": bentoml_tag, "gate.decision": "promoted", **registry.checksums(files)}
+    example = np.zeros((16, 1, 28, 28), np.uint8)  # a batch even a fixed-batch graph (test_shadow) takes
+    metadata = read_metadata(files["fp32"])
+    described = {"model": "model_name", "dataset": "dataset", "parameters": "parameters"}
+    described |= {key: key for key in ("val_accuracy", "test_accuracy")}
+    tags = {key: str(metadata[field]) for key, field in described.items()}
+    tags |= {"bentoml_tag": bentoml_tag, "gate.decision": "promoted", **registry.checksums(files)}
     return registry.register(REGISTERED, run.info.run_id, files["fp32"], example, tags)
 
 
@@ -122,15 +129,25 @@ def p99(answers: list[Answer]) -> float:
     return float(np.percentile([a.seconds for a in answers], 99))
 
 
-def serving_everywhere(url: str, version: str, workers: int, timeout: float = 60) -> None:
-    """Wait until every worker says in the `serving_model_info` gauge that it serves `version` as champion."""
+def every_worker(url: str, role: str, version: str, workers: int, timeout: float = 60) -> None:
+    """Wait until the `serving_model_info` gauge of every worker says it runs `version` as `role` (champion: it
+    serves it; challenger: its shadow process runs it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = requests.get(f"{url}/metrics", timeout=10).text
-        serving = [
-            line for line in text.splitlines() if line.startswith("serving_model_info{") and line.endswith(" 1.0")
-        ]
-        if sum('role="champion"' in line and f'version="{version}"' in line for line in serving) == workers:
+        samples = metric_samples(requests.get(f"{url}/metrics", timeout=10).text, "serving_model_info")
+        running = [k for k, v in samples.items() if v == 1 and f'role="{role}"' in k and f'version="{version}"' in k]
+        if len(running) == workers:
             return
         time.sleep(0.5)
-    raise AssertionError(f"not every worker serves version {version} after {timeout} s")
+    raise AssertionError(f"not every worker runs version {version} as {role} after {timeout} s")
+
+
+def shadowed(log_dir: Path, version: str, count: int, timeout: float = 120) -> None:
+    """Wait until the challenger `version` logged `count` answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sum(r["model_version"] == version for r in read_predictions(log_dir, role=CHALLENGER))
+        if found >= count:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the challenger version {version} answered {found} of {count} in {timeout} s")

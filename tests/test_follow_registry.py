@@ -16,9 +16,9 @@ from tests.browser import ARTIFACTS
 from tests.registry_fixtures import (
     REGISTERED,
     RecordedLoad,
+    every_worker,
     p99,
     register_version,
-    serving_everywhere,
     set_alias,
     variant,
 )
@@ -35,7 +35,7 @@ def switched(answers, since: float, version: str) -> dict[str, float]:
     first: dict[str, float] = {}
     for answer in sorted(answers, key=lambda a: a.sent + a.seconds):
         if answer.sent >= since and answer.version == version and answer.worker not in first:
-            first[answer.worker] = answer.sent + answer.seconds - since  # type: ignore[index]
+            first[answer.worker] = answer.sent + answer.seconds - since
     return first
 
 
@@ -57,8 +57,8 @@ def test_promote_roll_back_and_a_corrupt_version_under_load(served_model, tmp_pa
         MLFLOW_TRACKING_URI=uri,
         SERVING_PREDICTION_LOG_DIR=str(log_dir),
     ) as server:
-        serving_everywhere(
-            server.url, "1", workers=2
+        every_worker(
+            server.url, "champion", "1", workers=2
         )  # version 1 is the very model the store held: named, not reloaded
         load = RecordedLoad(server.url, served_model["x"], clients=16, seconds=60)
         start = time.monotonic()

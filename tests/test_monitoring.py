@@ -91,7 +91,7 @@ def test_every_answer_carries_an_id_and_is_logged_exactly_once_on_every_route(lo
     server, _, folder = logged
     image = served_model["x"][0]
     answers = [requests.post(f"{server.url}/predict", files={"image": ("x.png", png(image[0]))}, timeout=30).json()]
-    answers += predict_batch(server, served_model["x"][:3])
+    answers += predict_batch(server.url, served_model["x"][:3])
     with open(folder / "x.png", "wb") as f:
         f.write(png(image[0]))
     with bentoml.SyncHTTPClient(server.url) as client:
@@ -118,7 +118,7 @@ def test_every_answer_carries_an_id_and_is_logged_exactly_once_on_every_route(lo
 
 def test_feedback_is_stored_and_refused_as_it_should(logged, served_model):
     server, _, folder = logged
-    answer = predict_batch(server, served_model["x"][:1])[0]
+    answer = predict_batch(server.url, served_model["x"][:1])[0]
     truth = int(served_model["y"][0])
     assert send_feedback(server, answer["prediction_id"], truth, headers={}).status_code == 401
     wrong = send_feedback(server, answer["prediction_id"], truth, headers={"authorization": "Bearer nope"})
@@ -160,7 +160,7 @@ def windows_and_feedback(server, prometheus, folder: Path, served_model) -> None
         "rotated": np.ascontiguousarray(np.rot90(small.x_test[2000:3000], 1, axes=(2, 3))),
     }
     figures = {}
-    answers = predict_batch(server, windows["fashion-mnist"])
+    answers = predict_batch(server.url, windows["fashion-mnist"])
     with ThreadPoolExecutor(8) as pool:
         sent = pool.map(lambda i: send_feedback(server, answers[i]["prediction_id"], int(labels[i])), range(500))
         statuses = [response.status_code for response in sent]
@@ -168,7 +168,7 @@ def windows_and_feedback(server, prometheus, folder: Path, served_model) -> None
     truth = float(np.mean([answers[i]["label"] == labels[i] for i in range(500)]))
     for name, images in windows.items():
         if name != "fashion-mnist":
-            answers = predict_batch(server, images)
+            answers = predict_batch(server.url, images)
         report = monitor(folder, served_model, "--last", "1000")
         flagged = float(np.mean([a["out_of_distribution"] for a in answers]))
         figures[name] = {k: report[k] for k in ("drift_detected", "drift_score", "ood_share", "live_accuracy")}
@@ -210,7 +210,7 @@ def test_an_unwritable_log_keeps_answering_and_counts_the_drops(served_model, tm
     blocked.write_text("a file where the log's folder should be")
     env = {"SERVING_PREDICTION_LOG_DIR": str(blocked), "SERVING_WORKERS": "1"}
     with serving(served_model, tmp_path / "serve.log", **env) as server:
-        answers = predict_batch(server, served_model["x"][:300])
+        answers = predict_batch(server.url, served_model["x"][:300])
         assert len(answers) == 300
         for _ in range(30):
             dropped = metric_samples(requests.get(f"{server.url}/metrics", timeout=10).text, "serving_prediction_log")

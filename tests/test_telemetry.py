@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from benchmarks.local_server import free_port
 from serving import telemetry_switches
-from tests.conftest import REPO, copy_repo
-from tests.pipeline_fixtures import VENV_BIN, stage_env, tiny_params
+from tests.conftest import copy_repo
+from tests.pipeline_fixtures import VENV_BIN, make_target, stage_env, tiny_params
 from tests.serving_fixtures import MODEL_NAME, png
 
 pytestmark = pytest.mark.slow
@@ -72,29 +70,6 @@ def settled(proxy: CountingProxy, seconds: float = 8) -> list[str]:
     """What the proxy saw, after the background senders (DVC's daemon, MLflow's thread) had time to try."""
     time.sleep(seconds)
     return proxy.requests
-
-
-@contextlib.contextmanager
-def make_target(target: list[str], env: dict[str, str], ready_url: str, log: Path):
-    """`make <target>` in the repo, ready when `ready_url` answers 200, then stopped with its children."""
-    with open(log, "w") as out:
-        process = subprocess.Popen(["make", "-s", *target], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text()[-3000:]
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(ready_url, timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"make {target[0]} not ready:\n{log.read_text()[-3000:]}")
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 def test_the_listener_sees_a_tool_whose_telemetry_is_on(proxy):
