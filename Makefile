@@ -141,10 +141,12 @@ rollback: setup
 doctor: setup
 	$(BIN)/python -m serving.doctor
 
-# ... and the prediction log's cost: on against off, a 60-s soak, an unwritable log folder.
+# ... the prediction log's cost: on against off, a 60-s soak, an unwritable log folder; and shadowing's: a
+# challenger tried on every request, against none.
 bench: setup
 	$(BIN)/python -m benchmarks.serving
 	$(BIN)/python -m benchmarks.prediction_log
+	$(BIN)/python -m benchmarks.shadow
 
 # Our service under other splits of the CPUs into workers and threads, and other batch caps.
 bench-sweep: setup

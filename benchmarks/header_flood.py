@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.local_server import REPO, ChildServer, LocalServer
-from benchmarks.publish import publish
+from benchmarks.publish import publish, served_model
 from benchmarks.serving import payload_images
 
 CHUNK = 64 * 1024
@@ -59,6 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = LocalServer("serving.service:Classifier", Path(tmp) / "server.log").wait_ready()
         try:
+            served = served_model(server.url)
             time.sleep(2)
             before = workers_rss_mb(server)
             with ThreadPoolExecutor(args.connections) as pool:
@@ -80,7 +81,7 @@ def main() -> None:
         "statuses": sorted(set(statuses)),
         "rss_mb": {"before": round(before), "holding_headers": round(holding), "after_431": round(after)},
     }
-    publish(results, table(results), args.output)
+    publish(results, table(results), args.output, served)
 
 
 def table(results: dict) -> str:

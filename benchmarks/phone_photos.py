@@ -19,7 +19,7 @@ import requests
 from PIL import ExifTags, Image
 
 from benchmarks.local_server import REPO, LocalServer
-from benchmarks.publish import publish
+from benchmarks.publish import publish, served_model
 from benchmarks.serving import DATASET, payload_images
 
 # How a phone stores a photo whose EXIF orientation is 6 (turn 90 degrees clockwise to show it) or 8 (counter-
@@ -67,6 +67,7 @@ def main() -> None:
         server = LocalServer("serving.service:Classifier", Path(tmp) / "server.log").wait_ready()
         try:
             model = requests.get(f"{server.url}/model", timeout=10).json()
+            served = served_model(server.url)
             labels = {o: served_labels(server.url, images, o) for o in ORIENTATIONS}
         finally:
             server.close()
@@ -82,7 +83,7 @@ def main() -> None:
             for o in ORIENTATIONS
         ],
     }
-    publish(results, table(results), args.output)
+    publish(results, table(results), args.output, served)
 
 
 def table(results: dict) -> str:

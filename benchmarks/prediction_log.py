@@ -17,7 +17,7 @@ import numpy as np
 import requests
 
 from benchmarks.local_server import REPO, LocalServer
-from benchmarks.publish import publish
+from benchmarks.publish import publish, served_model
 from benchmarks.serving import loadgen, median_of, payload_images
 from serving.prediction_log import read_predictions
 
@@ -76,6 +76,7 @@ def main() -> None:
 
         server = serve(folder, "soak", SERVING_PREDICTION_LOG_DIR=str(folder / "log-soak"))
         try:
+            served = served_model(server.url)
             soak = loadgen(server.url, "png", payloads, args.concurrency, 10**9, args.soak)
         finally:
             server.close()
@@ -98,7 +99,7 @@ def main() -> None:
         "soak": {"seconds": args.soak, "answered_200": answered(soak), "records": records, **pick(soak)},
         "unwritable": {"answered_200": answered(unwritable), "dropped_counted": drops, **pick(unwritable)},
     }
-    publish(results, table(results), args.output)
+    publish(results, table(results), args.output, served)
 
 
 def pick(run: dict) -> dict:

@@ -33,7 +33,7 @@ import requests
 
 from benchmarks.loadgen import png_file
 from benchmarks.local_server import REPO, ChildServer, LocalServer
-from benchmarks.publish import publish
+from benchmarks.publish import publish, served_model
 from serving.files import read_json
 from serving.inputs import parse_batch
 from serving.model_store import EXPORT_RECORD, read_metadata
@@ -228,8 +228,9 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def measure(server: ChildServer, name: str, args: argparse.Namespace, payloads: Path, results: dict) -> None:
-    """Every load point on one server; for ours also the soak, the memory and the served accuracy."""
+def measure(server: ChildServer, name: str, args: argparse.Namespace, payloads: Path, results: dict) -> dict | None:
+    """Every load point on one server; for ours also the soak, the memory and the served accuracy, and the model
+    it served (returned)."""
     loadgen(server.url, "png", payloads, 16, 500, 5)  # warm-up, not reported
     measured: dict = {"png": {}, "json": {}}
     plan = [(kind, c) for kind in ("png", "json") for c in args.concurrency]
@@ -243,7 +244,7 @@ def measure(server: ChildServer, name: str, args: argparse.Namespace, payloads: 
     measured["bulk"] = bulk
     results["servers"][name] = measured
     if name != "ours":
-        return
+        return None
     card = requests.get(f"{server.url}/model", timeout=10).json()
     results["model"].update(served_precision=card["precision"], execution_provider=card["execution_provider"])
     if args.soak_seconds:
@@ -265,6 +266,7 @@ def measure(server: ChildServer, name: str, args: argparse.Namespace, payloads: 
     with np.load(DATASET) as data:
         results["served_accuracy"] = served_accuracy(server.url, data["x_test"][:, 0], data["y_test"])
     results["served_accuracy"]["fp32_offline_accuracy"] = read_json(EXPORT_RECORD)["int8_gate"]["fp32_test_accuracy"]
+    return served_model(server.url)
 
 
 def main() -> None:
@@ -297,13 +299,14 @@ def main() -> None:
         "repeats": args.repeats,
         "servers": {},
     }
+    served = None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         np.save(folder / "images.npy", images)
         for name in args.servers:
             server = start(name, folder)
             try:
-                measure(server, name, args, folder / "images.npy", results)
+                served = measure(server, name, args, folder / "images.npy", results) or served
             finally:
                 server.close()
     results["raw_onnxruntime"] = {
@@ -326,7 +329,7 @@ def main() -> None:
             if peer in results["servers"]
         }
     print(f"serving benchmark: {os.cpu_count()} CPUs, {WORKERS} workers per server, medians of {args.repeats} runs")
-    publish(results, table(results), args.output)
+    publish(results, table(results), args.output, served)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.local_server import REPO, LocalServer
-from benchmarks.publish import publish
+from benchmarks.publish import publish, served_model
 from benchmarks.serving import loadgen, median_of, payload_images
 from serving.settings import ServingSettings
 from training.progress import progress
@@ -65,6 +65,7 @@ def main() -> None:
             env = {name: str(value) for name, value in config.items()}
             server = LocalServer("serving.service:Classifier", Path(tmp) / "server.log", **env).wait_ready()
             try:
+                served = served_model(server.url)
                 loadgen(server.url, "png", payloads, 16, 500, 5)  # warm-up, not reported
                 runs = [
                     loadgen(server.url, "png", payloads, args.concurrency, 10**9, args.duration)
@@ -81,7 +82,7 @@ def main() -> None:
         "defaults": defaults(),
         "rows": rows,
     }
-    publish(results, table(results), args.output)
+    publish(results, table(results), args.output, served)
 
 
 def table(results: dict) -> str:

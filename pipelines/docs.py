@@ -2,8 +2,9 @@
 
 Each figure sits between `<!-- begin: NAME -->` and `<!-- end: NAME -->`; this rewrites every such block
 from its source (champion.json, metrics/, benchmarks/results/: files in git), so no number is typed by hand.
-`--check` changes nothing and fails when a block differs from what its source gives (the test suite
-runs it). Not a pipeline stage: run it (`make docs`) after `make run` or a `make bench*`.
+`--check` changes nothing and fails when a block differs from what its source gives (the test suite checks
+the committed files the same way). Not a pipeline stage: run it (`make docs`) after `make run` or a
+`make bench*`, and commit the results files and the docs together.
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "serving-benchmark": benchmark("serving.json", "make bench", "benchmarks.serving"),
     "serving-sweep": benchmark("serving_sweep.json", "make bench-sweep", "benchmarks.serving_sweep"),
     "prediction-log": benchmark("prediction_log.json", "make bench", "benchmarks.prediction_log"),
+    "shadow-benchmark": benchmark("shadow.json", "make bench", "benchmarks.shadow"),
     "phone-photos": benchmark("phone_photos.json", "make bench-photos", "benchmarks.phone_photos"),
     "header-flood": benchmark("header_flood.json", "make bench-headers", "benchmarks.header_flood"),
 }

@@ -37,27 +37,24 @@ def variant(files: dict[str, Path], folder: Path, model_name: str) -> dict[str, 
 def register_version(
     uri: str, files: dict[str, Path], bentoml_tag: str, corrupt_int8: bool = False
 ) -> registry.Version:
-    """The files as a new version of REGISTERED, logged and tagged as the gate does it; `corrupt_int8`: the run's
-    int8 file has a byte changed after its checksum was taken, as a damaged upload would."""
+    """The files as a new version of REGISTERED, tagged as the gate tags them; `corrupt_int8`: the int8 file
+    logged has a byte changed after its checksum was taken, as a damaged upload would."""
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("serving-tests")
-    with mlflow.start_run() as run:
-        for role in ("int8", "reference"):
-            path = files[role]
-            if role == "int8" and corrupt_int8:
-                data = bytearray(path.read_bytes())
-                data[len(data) // 2] ^= 0xFF
-                path = path.parent / "damaged" / path.name
-                path.parent.mkdir(exist_ok=True)
-                path.write_bytes(bytes(data))
-            mlflow.log_artifact(str(path), registry.RUN_FILES)
-    example = np.zeros((16, 1, 28, 28), np.uint8)  # a batch even a fixed-batch graph (test_shadow) takes
     metadata = read_metadata(files["fp32"])
     described = {"model": "model_name", "dataset": "dataset", "parameters": "parameters"}
     described |= {key: key for key in ("val_accuracy", "test_accuracy")}
     tags = {key: str(metadata[field]) for key, field in described.items()}
     tags |= {"bentoml_tag": bentoml_tag, "gate.decision": "promoted", **registry.checksums(files)}
-    return registry.register(REGISTERED, run.info.run_id, files["fp32"], example, tags)
+    logged = dict(files)
+    if corrupt_int8:
+        data = bytearray(files["int8"].read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        logged["int8"] = files["int8"].parent / "damaged" / files["int8"].name
+        logged["int8"].parent.mkdir(exist_ok=True)
+        logged["int8"].write_bytes(bytes(data))
+    example = np.zeros((16, 1, 28, 28), np.uint8)  # a batch even a fixed-batch graph (test_shadow) takes
+    return registry.register_files(REGISTERED, logged, example, tags)
 
 
 def set_alias(uri: str, alias: str, version: registry.Version) -> None:

@@ -425,6 +425,7 @@ def test_bentoml_build_packages_the_model_and_the_bento_serves(model, tmp_path):
     try:
         card = requests.get(f"{built.url}/model", timeout=10).json()
         assert card["bentoml_tag"] == model["tag"] and card["precision"] == "int8"
+        assert card["following_registry"] is False  # an image serves the model it packages
         image = png(model["x"][0, 0])
         assert requests.post(f"{built.url}/predict", files={"image": ("x.png", image)}, timeout=30).status_code == 200
         assert "Try the classifier" in requests.get(f"{built.url}/ui/", timeout=10).text  # the page is in the bento

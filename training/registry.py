@@ -12,14 +12,14 @@ import numpy as np
 
 from serving.files import sha256_file
 from serving.model_store import STORED_FILES
-from serving.registry import CHALLENGER, PREVIOUS, RUN_FILES, Version, by_alias, download, version_of
+from serving.registry import CHALLENGER, CHAMPION, PREVIOUS, RUN_FILES, Version, by_alias, download, version_of
 from training import tracking
 from training.errors import PipelineError
 
 SERVED_MODEL = "served_model"  # the ONNX model's name in its run's artifacts
 EXAMPLE_IMAGES = 2  # test images in each version's input example
 
-__all__ = ["CHALLENGER", "PREVIOUS", "RUN_FILES", "Version", "by_alias", "download"]
+__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS", "RUN_FILES", "Version", "by_alias", "download"]
 
 
 def is_served_model(version: Version | None) -> bool:
@@ -64,6 +64,16 @@ def register(name: str, run_id: str, onnx_file: Path, example: np.ndarray, tags:
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     return version_of(client.get_model_version(name, version))
+
+
+def register_files(name: str, files: dict[str, Path], example: np.ndarray, tags: dict[str, str]) -> Version:
+    """Exported files (by role) as a new version of `name`, in a run of their own in the active experiment: the
+    int8 file and the monitoring reference where the export stage logs them, the fp32 file registered."""
+    with tracking.start_run() as run:
+        for role in ("int8", "reference"):
+            if role in files:
+                mlflow.log_artifact(str(files[role]), RUN_FILES)
+    return register(name, run.info.run_id, files["fp32"], example, tags)
 
 
 def version_tags(challenger: dict, exported: dict, files: dict[str, Path]) -> dict[str, str]:
