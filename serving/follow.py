@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from serving import registry
-from serving.metrics import MODEL_INFO, REGISTRY_ERRORS, RELOAD_FAILURES
+from serving.metrics import MODEL_INFO, REGISTRY_ERRORS, RELOAD_FAILURES, SHADOW_DROPPED, SHADOW_FAILURES
 from serving.prediction_log import ModelName
 from serving.registry import without_login
 from serving.served import ReloadError, ServedModel, fetch_version, load_version
@@ -39,10 +39,25 @@ class Follower:
         name: str,
         current: Callable[[], ServedModel],
         swap: Callable[[ServedModel], None],
-        shadow: Shadow | None,
+        shadow_log: list[str] | None,
     ):
+        """`current()`: the model served now; `swap(model)`: serve another; `shadow_log`: the prediction-log
+        options of a shadow process, None where no challenger is to be shadowed."""
         self.settings, self.name = settings, name
-        self.current, self.swap, self.shadow = current, swap, shadow
+        self.current, self.swap = current, swap
+        self.shadow = (
+            None
+            if shadow_log is None
+            else Shadow(
+                settings.shadow_share,
+                settings.shadow_queue,
+                shadow_log,
+                on_drop=SHADOW_DROPPED.inc,
+                on_batch_failure=SHADOW_FAILURES.inc,
+                on_ready=self.challenger_ready,
+                on_failure=self.challenger_failed,
+            )
+        )
         self.failed: dict[str, int] = {}  # alias -> the version it names that failed: not tried again
         self.shadowed: int | None = None
         self.unreachable = False

@@ -31,7 +31,7 @@ from serving.batcher import MicroBatcher
 from serving.follow import Follower
 from serving.inputs import ClientError, images_to_array
 from serving.limits import ApiRequestGuard, HeaderLimit
-from serving.metrics import BATCH_SIZES, LOG_DROPPED, SHADOW_DROPPED, SHADOW_FAILURES, count_predictions
+from serving.metrics import BATCH_SIZES, LOG_DROPPED, count_predictions
 from serving.model_source import ensure_model
 from serving.model_store import MODEL_FILES, ModelMissingError, served_record
 from serving.prediction_log import Outputs, Pending, PredictionIds, PredictionLog
@@ -41,7 +41,6 @@ from serving.runtime import ProviderError, choose_precision, require_cuda
 from serving.schemas import VERSION_HEADER, ImageRows
 from serving.served import ServedModel, open_model
 from serving.settings import ServingSettings, SettingsError
-from serving.shadow import Shadow
 
 try:
     SETTINGS = ServingSettings.from_env()
@@ -71,12 +70,11 @@ class Classifier:
         if not SETTINGS.access_log:
             logging.getLogger("bentoml.access").setLevel(logging.WARNING)
         self.served = self.stored_model()
-        classifier = self.served.classifier
-        self.metadata = classifier.metadata
+        classifier = self.served.classifier  # what every version of the registered model shares
         self.class_names = classifier.class_names
         self.image_shape = classifier.image_shape
         self.input_name = classifier.input_name
-        self.upload_fit = int(self.metadata["upload_fit"])
+        self.upload_fit = int(classifier.metadata["upload_fit"])
         self.batcher = MicroBatcher(self.served, SETTINGS.max_batch_size, on_batch=BATCH_SIZES.observe)
         self.served.show("champion")
         self.ids = PredictionIds()
@@ -136,25 +134,16 @@ class Classifier:
                 "not following the registry: %s not set (and no mlflow.db or champion.json here)", " and ".join(missing)
             )
             return None
-        shadow = None
-        if SETTINGS.shadow_share > 0 and self.log is not None:
-            log_args = [
+        shadow_log = None
+        if SETTINGS.shadow_share > 0 and self.log is not None:  # a challenger's answers go to the prediction log
+            shadow_log = [
                 f"--log-dir={SETTINGS.prediction_log_dir}",
                 f"--log-queue={log_settings['queue_requests']}",
                 f"--log-max-bytes={log_settings['max_bytes']}",
                 f"--log-max-age-s={log_settings['max_age_s']}",
             ]
-            shadow = Shadow(
-                SETTINGS.shadow_share,
-                SETTINGS.shadow_queue,
-                log_args,
-                on_drop=SHADOW_DROPPED.inc,
-                on_batch_failure=SHADOW_FAILURES.inc,
-                on_ready=lambda model: follower.challenger_ready(model),
-                on_failure=lambda model, reason, message: follower.challenger_failed(model, reason, message),
-            )
-        follower = Follower(SETTINGS, SETTINGS.registered_model, lambda: self.served, self.swap, shadow)  # type: ignore[arg-type]
-        return follower.start()
+        name = SETTINGS.registered_model or ""
+        return Follower(SETTINGS, name, lambda: self.served, self.swap, shadow_log).start()
 
     def swap(self, new: ServedModel) -> None:
         """Serve `new` from the next batch on; the batch running now finishes on the old model."""

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
 import threading
 import time
@@ -39,8 +41,6 @@ def register_version(
 ) -> registry.Version:
     """The files as a new version of REGISTERED, tagged as the gate tags them; `corrupt_int8`: the int8 file
     logged has a byte changed after its checksum was taken, as a damaged upload would."""
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("serving-tests")
     metadata = read_metadata(files["fp32"])
     described = {"model": "model_name", "dataset": "dataset", "parameters": "parameters"}
     described |= {key: key for key in ("val_accuracy", "test_accuracy")}
@@ -54,7 +54,31 @@ def register_version(
         logged["int8"].parent.mkdir(exist_ok=True)
         logged["int8"].write_bytes(bytes(data))
     example = np.zeros((16, 1, 28, 28), np.uint8)  # a batch even a fixed-batch graph (test_shadow) takes
-    return registry.register_files(REGISTERED, logged, example, tags)
+    with in_store(uri):
+        mlflow.set_experiment("serving-tests")
+        return registry.register_files(REGISTERED, logged, example, tags)
+
+
+@contextlib.contextmanager
+def in_store(uri: str):
+    """MLflow's calls in this process go to `uri` for a while: mlflow.set_tracking_uri also sets
+    MLFLOW_TRACKING_URI, which every later test's child processes would inherit."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # type: ignore[arg-type]  # None unsets it
+
+
+def promote(uri: str, version: registry.Version, champion: registry.Version) -> None:
+    with in_store(uri):
+        registry.promote(REGISTERED, registry.CHAMPION, version, champion)
+
+
+def roll_back(uri: str) -> None:
+    with in_store(uri):
+        registry.roll_back(REGISTERED, registry.CHAMPION, "test")
 
 
 def set_alias(uri: str, alias: str, version: registry.Version) -> None:

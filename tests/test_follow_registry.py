@@ -18,12 +18,13 @@ from tests.registry_fixtures import (
     RecordedLoad,
     every_worker,
     p99,
+    promote,
     register_version,
+    roll_back,
     set_alias,
     variant,
 )
 from tests.serving_fixtures import metric_samples, serving
-from training import registry
 
 pytestmark = pytest.mark.slow
 POLL_S = 1.0
@@ -65,8 +66,8 @@ def test_promote_roll_back_and_a_corrupt_version_under_load(served_model, tmp_pa
         load.start()
         events = {}
         for at, version, move in (
-            (15, "2", lambda: registry.promote(REGISTERED, "champion", second, first)),
-            (30, "1", lambda: registry.roll_back(REGISTERED, "champion", "test")),
+            (15, "2", lambda: promote(uri, second, first)),
+            (30, "1", lambda: roll_back(uri)),
             (45, str(corrupt.version), lambda: set_alias(uri, "champion", corrupt)),
         ):
             time.sleep(max(0.0, start + at - time.monotonic()))

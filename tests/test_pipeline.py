@@ -121,6 +121,41 @@ def test_champion_is_the_best_on_validation_and_registered(pipeline):
     assert int(version.version) == champion["version"]
 
 
+# the champion as MLflow gives it to anyone: its schema, and its answers against the exported file
+PYFUNC = """
+import json, mlflow, numpy as np
+from training.data import Prepared
+from training.export import onnx_outputs
+mlflow.set_tracking_uri("sqlite:///mlflow.db")
+model = mlflow.pyfunc.load_model("models:/fashion-mnist-classifier@champion")
+images = Prepared.load("data/prepared/dataset.npz").images("test")
+answers = model.predict(images)["probabilities"]
+expected = onnx_outputs("export/model.onnx", images)["probabilities"]
+try:
+    model.predict(images[:, 0])
+    refused = "accepted"
+except mlflow.exceptions.MlflowException as exc:
+    refused = str(exc).splitlines()[-1]
+print(json.dumps({
+    "inputs": str(model.metadata.get_input_schema()),
+    "outputs": str(model.metadata.get_output_schema()),
+    "same": bool((answers.argmax(1) == expected.argmax(1)).all() and np.abs(answers - expected).max() < 1e-6),
+    "refused": refused,
+}))
+"""
+
+
+def test_the_registered_champion_has_a_signature_and_answers_as_served(pipeline):
+    repo, env, _ = pipeline
+    found = json.loads(run([str(VENV_BIN / "python"), "-c", PYFUNC], repo, env).strip().splitlines()[-1])
+    assert found["inputs"] == "['images': Tensor('uint8', (-1, 1, 28, 28))]"
+    for output in ("'logits': Tensor('float32', (-1, 10))", "'probabilities': Tensor('float32', (-1, 10))",
+                   "'ood_score': Tensor('float32', (-1,))", "'embedding': Tensor('float32', (-1,"):  # fmt: skip
+        assert output in found["outputs"]
+    assert found["same"], found  # the registry holds what is served
+    assert "Shape of input (200, 28, 28) does not match expected shape (-1, 1, 28, 28)" in found["refused"]
+
+
 def test_one_mlflow_run_per_model_with_curves_metrics_and_artifacts(pipeline):
     repo, *_ = pipeline
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
@@ -170,5 +205,9 @@ def test_dvc_exp_run_in_a_temp_copy_logs_to_the_repo_store(pipeline):
     runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
     assert sorted(r.info.run_name for r in runs) == sorted(ZOO)
     assert {r.data.tags["dvc.experiment"] for r in runs} == {"mnist-quick"}
-    assert client.get_model_version_by_alias("mnist-classifier", "champion").run_id in {r.info.run_id for r in runs}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+    # an experiment records the gate's decision and moves no alias (gate.experiment_mode: record)
+    assert client.search_registered_models("name = 'mnist-classifier'") == []
+    gate = [r.data.tags for r in runs if "gate.decision" in r.data.tags]
+    assert [tags["gate.decision"] for tags in gate] == ["recorded"]
+    assert "from gate.experiment_mode (a DVC experiment)" in gate[0]["gate.reason"]

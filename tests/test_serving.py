@@ -139,7 +139,9 @@ def test_predict_details_give_every_probability_and_the_model_input(server, mode
         "top_k",
         "ood_score",
         "out_of_distribution",
+        "model_version",
     }
+    assert plain.headers["X-Model-Version"] == plain.json()["model_version"] == model["tag"].split(":")[1]
 
 
 def test_demo_page_is_served_without_anything_from_the_internet(server):

@@ -121,7 +121,8 @@ def test_a_missing_or_corrupt_model_file_keeps_the_service_from_becoming_ready(s
         path.unlink()
     else:
         data = bytearray(path.read_bytes())
-        data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # weights silently zeroed: still a valid file
+        middle = slice(len(data) // 2, len(data) // 2 + 64)
+        data[middle] = bytes(b ^ 0xFF for b in data[middle])  # bytes silently flipped: still a valid file
         path.write_bytes(bytes(data))
     server = LocalServer(
         "serving.service:Classifier", tmp_path / "serve.log", BENTOML_HOME=str(home), BENTO_MODEL_TAG=tag
