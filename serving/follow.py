@@ -33,6 +33,8 @@ log = logging.getLogger("bentoml.serving")
 
 
 class Follower:
+    """A worker's thread that follows the registered model's aliases, and its shadow process."""
+
     def __init__(
         self,
         settings: ServingSettings,
@@ -85,11 +87,17 @@ class Follower:
 
     def _run(self) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a log line each, not a bar
-        import mlflow
-
+        try:
+            import mlflow
+        except ImportError as exc:
+            log.error("not following the registry: MLflow's client is not installed (%s)", exc)
+            return
         mlflow.set_tracking_uri(self.settings.tracking_uri or "")
         while not self.stopped.is_set():
-            self.poll()
+            try:
+                self.poll()
+            except Exception:  # never the end of following: the next look tries again
+                log.exception("following the registry failed; serving on, and looking again")
             self.stopped.wait(self.settings.registry_poll_s)
 
     def poll(self) -> None:

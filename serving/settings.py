@@ -56,6 +56,11 @@ def served_registered_model() -> str | None:
     return served_record().get("registered_model")
 
 
+def served_alias() -> str:
+    """champion.json's `alias` (params.yaml's `mlflow.alias`), else `champion`"""
+    return served_record().get("alias") or CHAMPION
+
+
 def prediction_log_dir() -> Path:
     """`logs/predictions` in the workspace; in a built bento, `prediction_log` in BentoML's home"""
     if in_workspace():
@@ -148,7 +153,7 @@ class ServingSettings(BaseSettings):
     registered_model: str | None = Field(
         default_factory=served_registered_model, description="the registered model whose aliases the service follows"
     )
-    champion_alias: str = Field(CHAMPION, description="the alias of the version served")
+    champion_alias: str = Field(default_factory=served_alias, description="the alias of the version served")
     challenger_alias: str = Field(
         CHALLENGER, description="the alias of a version tried on live traffic beside the champion (shadow)"
     )
