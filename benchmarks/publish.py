@@ -14,9 +14,10 @@ from benchmarks.local_server import REPO
 
 
 def git_commit() -> str:
-    """The commit the code ran at, `-dirty` where tracked files differed from it."""
+    """The commit the code ran at, `-dirty` where tracked files other than benchmark results differed from it."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
+    status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"]
+    changed = subprocess.run(status, cwd=REPO, capture_output=True)
     return f"{head or 'unknown'}{'-dirty' if changed.stdout.strip() else ''}"
 
 

@@ -58,6 +58,15 @@ def shadow_ready(url: str, timeout: float = 120) -> None:
     raise RuntimeError(f"no challenger shadowed after {timeout} s")
 
 
+def settled(log_dir: Path) -> int:
+    """The challenger's records in the log once it has caught up (no new one for 2 s)."""
+    count = -1
+    while (found := len(read_predictions(log_dir, role=CHALLENGER))) != count:
+        count = found
+        time.sleep(2)
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -93,13 +102,11 @@ def main() -> None:
                         measured = served_model(server.url)
                     loadgen(server.url, "png", payloads, 16, 500, 5)  # warm-up, not reported
                     for concurrency in args.concurrency:
-                        before = len(read_predictions(log_dir, role=CHALLENGER))
+                        before = settled(log_dir)
                         run = loadgen(server.url, "png", payloads, concurrency, 10**9, args.duration)
                         runs[mode][str(concurrency)].append(run)
                         if mode == "on":
-                            time.sleep(2)  # the challenger's records reach the log
-                            after = len(read_predictions(log_dir, role=CHALLENGER))
-                            shadowed[str(concurrency)].append((after - before) / answered(run))
+                            shadowed[str(concurrency)].append((settled(log_dir) - before) / answered(run))
                 finally:
                     server.close()
     results: dict = {"repeats": args.repeats, "duration_s": args.duration, "by_clients": {}}

@@ -53,6 +53,7 @@ class Follower:
             else Shadow(
                 settings.shadow_share,
                 settings.shadow_queue,
+                settings.max_batch_size,
                 shadow_log,
                 on_drop=SHADOW_DROPPED.inc,
                 on_batch_failure=SHADOW_FAILURES.inc,

@@ -1,6 +1,7 @@
 """The challenger tried on live traffic: a share of the requests a worker answers is also run by the registry's
-`challenger` version, in a child process of that worker at the lowest CPU priority, and its answers are logged
-beside the champion's under the same prediction ids (role `challenger`), for `make monitor` and `make promote`.
+`challenger` version, in a child process of that worker that runs only on CPU time nothing else wants
+(SCHED_IDLE), and its answers are logged beside the champion's under the same prediction ids (role
+`challenger`), for `make monitor` and `make promote`.
 
 Nothing of it is on the request path: the event loop only drops a sampled request's images into a bounded
 queue (a full queue, or a challenger that failed, counts the request in serving_shadow_dropped_total and
@@ -38,7 +39,7 @@ from serving.prediction_log import CHALLENGER, ModelName, Outputs, Pending, Pred
 from serving.runtime import OnnxClassifier, ProbeError
 
 log = logging.getLogger("bentoml.serving")
-FRAME_IMAGES = 256  # images the writer thread gathers into one frame (one run of the challenger), at most
+GATHER_S = 0.05  # how long requests gather before the writer thread sends them
 
 
 Request = tuple[list[str], float, str, np.ndarray]  # a request's prediction ids, time, route and images
@@ -51,15 +52,18 @@ class Shadow:
         self,
         share: float,
         queue_requests: int,
+        batch_images: int,
         log_args: list[str],
         on_drop: Callable[[int], None],
         on_batch_failure: Callable[[], None],
         on_ready: Callable[[ModelName], None],
         on_failure: Callable[[ModelName, str, str], None],
     ):
-        """`share`: percent of requests shadowed; `log_args`: the child's prediction-log options; `on_failure(model,
+        """`share`: percent of requests shadowed; `batch_images`: the images of one run of the challenger, at most
+        (as the champion's batches); `log_args`: the child's prediction-log options; `on_failure(model,
         reason, message)`: the challenger did not load (reason load or probe) or crashed (reason crash)."""
         self.share, self.credit, self.queue_requests = share, 0.0, queue_requests
+        self.batch_images = batch_images
         self.log_args = log_args
         self.on_drop, self.on_batch_failure = on_drop, on_batch_failure
         self.on_ready, self.on_failure = on_ready, on_failure
@@ -152,8 +156,9 @@ class Shadow:
     def _feed(self, stdin: IO[bytes], requests: queue.Queue[Request | None]) -> None:
         with contextlib.suppress(OSError):  # the child is gone: what is queued is dropped below
             while (first := requests.get()) is not None:
+                time.sleep(GATHER_S)  # one wake-up per interval, not one per request: the worker's GIL is shared
                 gathered, images = [first], len(first[0])
-                while images < FRAME_IMAGES:
+                while images < self.batch_images:
                     try:
                         more = requests.get_nowait()
                     except queue.Empty:
@@ -214,7 +219,9 @@ def main() -> None:
     parser.add_argument("--log-max-bytes", type=int, required=True)
     parser.add_argument("--log-max-age-s", type=float, required=True)
     args = parser.parse_args()
-    os.nice(19)  # only CPU time the champion leaves idle
+    # only CPU time the champion leaves idle: SCHED_IDLE runs it when nothing else wants the CPU and gives way at
+    # once when something does (a nice value alone still takes its slice of a busy CPU)
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the worker stops it (its stdin closes) when it stops itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
