@@ -39,7 +39,7 @@ PORT ?= 3000
 UI_PORT ?= 5000
 
 .PHONY: setup requirements audit test-tools run run-full push pull lint test test-fast ui mlflow-server serve monitor feedback-data retrain promote rollback doctor bench \
-	bench-sweep bench-train bench-photos bench-headers docs clean
+	bench-sweep bench-train bench-photos bench-headers bench-profile docs clean
 
 setup: $(VENV)/.installed
 
@@ -141,8 +141,9 @@ rollback: setup
 doctor: setup
 	$(BIN)/python -m serving.doctor
 
-# ... the prediction log's cost: on against off, a 60-s soak, an unwritable log folder; and shadowing's: a
-# challenger tried on every request, against none.
+# Our service against TorchServe, Triton, BentoML's own batching and FastAPI apps on the same file, side by side
+# (TorchServe and Triton installed under .bench/; TorchServe needs Java 17); then the prediction log's cost: on
+# against off, a 60-s soak, an unwritable log folder; and shadowing's: a challenger tried on every request.
 bench: setup
 	$(BIN)/python -m benchmarks.serving
 	$(BIN)/python -m benchmarks.prediction_log
@@ -159,6 +160,10 @@ bench-photos: setup
 # What 64 connections with 8 MB header lines do to the workers' memory.
 bench-headers: setup
 	$(BIN)/python -m benchmarks.header_flood
+
+# Where a worker's CPU time goes under load, by layer, with flame graphs (py-spy, installed under .bench/).
+bench-profile: setup
+	$(BIN)/python -m benchmarks.profile
 
 # Our trainer against a tutorial-style DataLoader loop; needs the prepared data (`make run`).
 bench-train: setup

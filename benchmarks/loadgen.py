@@ -2,7 +2,9 @@
 count or a time limit is reached; prints one JSON line with throughput, latency percentiles and errors.
 
 Kinds of request: `png` (one PNG per request, multipart field `image`, to /predict), `json` (one image as
-JSON pixel arrays, to /predict_batch) and `bulk` (`--batch` images per JSON request, to /predict_batch).
+JSON pixel arrays, to /predict_batch), `bulk` (`--batch` images per JSON request, to /predict_batch) and
+`tensor` (one image as a binary tensor of Triton's HTTP extension, to /v2/models/fashion/infer); `--path`
+posts to another path.
 Every body is built before the clock starts, so the client spends its CPU on HTTP only.
 """
 
@@ -41,8 +43,31 @@ def png_upload(pixels: np.ndarray) -> bytes:
     )
 
 
+def tensor_request(images: np.ndarray) -> tuple[bytes, int]:
+    """Images [N, 1, 28, 28] as Triton's binary tensor extension takes them: a JSON header, then the raw pixels;
+    (body, header length)."""
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "shape": list(images.shape),
+                    "datatype": "UINT8",
+                    "parameters": {"binary_data_size": images.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}],
+        }
+    ).encode()
+    return header + images.tobytes(), len(header)
+
+
 def requests_for(kind: str, images: np.ndarray, batch: int) -> tuple[str, dict, list[bytes]]:
     """(path, headers, bodies) for a kind of request."""
+    if kind == "tensor":
+        tensors = [tensor_request(image[None, None]) for image in images[:200]]
+        headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(tensors[0][1])}
+        return "/v2/models/fashion/infer", headers, [body for body, _ in tensors]
     if kind == "png":
         return (
             "/predict",
@@ -103,7 +128,8 @@ async def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", required=True)
-    parser.add_argument("--kind", choices=["png", "json", "bulk"], required=True)
+    parser.add_argument("--kind", choices=["png", "json", "bulk", "tensor"], required=True)
+    parser.add_argument("--path", help="the path to post to, where not the kind's default")
     parser.add_argument("--images", type=Path, required=True, help=".npy file of uint8 images [N,28,28]")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--requests", type=int, default=1000)
@@ -111,6 +137,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     args = parser.parse_args()
     path, headers, bodies = requests_for(args.kind, np.load(args.images), args.batch)
+    path = args.path or path
     result = asyncio.run(run(args.url, path, headers, bodies, args.concurrency, args.requests, args.duration))
     json.dump(result, sys.stdout)
     print()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,11 +24,24 @@ def free_port() -> int:
 
 
 class ChildServer:
-    """Starts a server command (`{port}` in it: a free loopback port) and waits for `ready_path` to answer
-    200; `close()` stops it (SIGTERM, then kill)."""
+    """Starts a server command (`{port}` in it: `port`, by default a free loopback port), with `env` added to
+    the environment, and waits for `ready_path` to answer 200; `close()` stops it (SIGTERM, then kill), and with
+    `group` every process it started too (its own session: for a launcher whose server outlives it). `routes`
+    are the paths its clients post each kind of request to (benchmarks/loadgen.py's defaults: the service's)."""
 
-    def __init__(self, command: list[str], log_path: Path, ready_path: str, *, cwd: Path | str = REPO, **env: str):
-        self.port = free_port()
+    def __init__(
+        self,
+        command: list[str],
+        log_path: Path,
+        ready_path: str,
+        *,
+        cwd: Path | str = REPO,
+        port: int | None = None,
+        group: bool = False,
+        env: dict[str, str] | None = None,
+    ):
+        self.port = port or free_port()
+        self.routes: dict[str, str] = {}
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_path = ready_path
         self.log_path = log_path
@@ -37,8 +52,10 @@ class ChildServer:
             cwd=cwd,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
+            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})},
+            start_new_session=group,
         )
+        self.group = group
 
     def wait_ready(self, timeout: float = 180) -> Self:
         deadline = time.monotonic() + timeout
@@ -62,13 +79,27 @@ class ChildServer:
         self.close()
 
     def close(self) -> None:
-        if self.process.poll() is None:
+        if self.group:
+            self.close_group()
+        elif self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.log.close()
+
+    def close_group(self) -> None:
+        """SIGTERM to every process of the server's session; SIGKILL to those left after 30 s."""
+        deadline = time.monotonic() + 30
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+            while time.monotonic() < deadline:
+                self.process.poll()  # reaps the launcher, so that only live processes count
+                os.killpg(self.process.pid, 0)
+                time.sleep(0.2)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 class LocalServer(ChildServer):
@@ -80,5 +111,5 @@ class LocalServer(ChildServer):
             log_path,
             "/readyz",
             cwd=cwd,
-            **env,
+            env=env,
         )

@@ -19,6 +19,7 @@ import numpy as np
 from fastapi import FastAPI, File, UploadFile
 from pydantic import BaseModel, Field
 
+from benchmarks.answers import answer
 from benchmarks.local_server import REPO
 from serving.files import read_json
 from serving.model_store import read_metadata
@@ -61,23 +62,13 @@ class Batch(BaseModel):
     images: list[list[list[Annotated[int, Field(ge=0, le=255)]]]]
 
 
-def prediction(probabilities: np.ndarray) -> dict:
-    order = np.argsort(-probabilities)
-    return {
-        "label": int(order[0]),
-        "class_name": CLASS_NAMES[order[0]],
-        "confidence": float(probabilities[order[0]]),
-        "top_k": [{"class_name": CLASS_NAMES[i], "probability": float(probabilities[i])} for i in order[:3]],
-    }
-
-
 @app.post("/predict")
 async def predict(image: UploadFile = File(...)):
     pixels = image_to_input(await image.read(), 28, METADATA["upload_fit"], MAX_IMAGE_PIXELS)
-    return prediction(model(pixels[None])[0])
+    return answer(model(pixels[None])[0], CLASS_NAMES)
 
 
 @app.post("/predict_batch")
 async def predict_batch(batch: Batch):
     images = np.asarray(batch.images, dtype=np.uint8)[:, None]
-    return [prediction(p) for p in model(images)]
+    return [answer(p, CLASS_NAMES) for p in model(images)]

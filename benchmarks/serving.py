@@ -1,21 +1,26 @@
-"""Serving benchmark (`make bench`): our service against the obvious alternatives, side by side in one run.
+"""Serving benchmark (`make bench`): our service against what people would run instead, side by side in one run.
 
-Servers, all on the exported champion and the same payloads, loaded from a separate process
-(benchmarks/loadgen.py, bounded by request count and duration):
-- ours: `bentoml serve serving.service:Classifier`, the `make serve` configuration (int8 on the CPU);
-- peer 1: FastAPI + uvicorn running onnxruntime once per request (benchmarks/peer.py), as many workers,
-  on the fp32 file (what a user would write) and on the int8 file;
-- peer 2: the same FastAPI app running the PyTorch model eagerly;
+Servers, all on the file the service serves (int8 on a CPU) and the same payloads, loaded from a separate
+process (benchmarks/loadgen.py, bounded by request count and duration), all up at once and taken in turn,
+the order rotating from one repeat to the next, so that the machine's drift falls on all alike:
+- ours: `bentoml serve serving.service:Classifier`, the `make serve` configuration;
+- the frameworks people pick (benchmarks/frameworks.py): TorchServe, and Triton behind a PNG-decoding front
+  (plus Triton's own binary tensor route, same pixels);
+- BentoML's own adaptive batching (`batchable=True`) on the same file (benchmarks/bentoml_batchable.py);
+- the baseline users write: FastAPI + uvicorn running onnxruntime once per request (benchmarks/peer.py) on the
+  fp32 file and on the int8 file, and the same app running the PyTorch model eagerly;
 - the limit: raw in-process onnxruntime at the same batch sizes, payload decoding included, per precision.
-Single images (PNG upload and JSON) at 1, 16, 64 and 256 clients, bulk requests of 256 images, then, for
-our service only, 256 clients for 60 s, the workers' memory over 100,000 requests and the accuracy it
-serves over HTTP on the 10,000 test images. Each point is the median of several runs. Prints tables and
-writes JSON (benchmarks/results/serving.json).
+Every server runs as many workers (or instances) as the service. Single images (PNG upload and JSON) at 1, 16,
+64 and 256 clients, bulk requests of 256 images, then, for our service only, 256 clients for 60 s, the
+workers' memory over 100,000 requests and the accuracy it serves over HTTP on the 10,000 test images. Each
+point is the median of several runs; each ratio the median of the runs' ratios. Prints tables and writes JSON
+(benchmarks/results/serving.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +37,7 @@ import onnxruntime as ort
 import psutil
 import requests
 
+from benchmarks import frameworks
 from benchmarks.loadgen import png_file
 from benchmarks.local_server import REPO, ChildServer, LocalServer
 from benchmarks.publish import publish, served_model
@@ -39,18 +46,21 @@ from serving.inputs import parse_batch
 from serving.model_store import EXPORT_RECORD, read_metadata
 from serving.preprocess import MAX_IMAGE_PIXELS, image_to_input
 from serving.runtime import OnnxClassifier
+from serving.settings import threads_per_worker
 from training.progress import progress
 
 EXPORT = REPO / "export" / "model.onnx"
 EXPORT_INT8 = REPO / "export" / "model.int8.onnx"
-PEERS = {  # name: the environment of benchmarks/peer.py
-    "peer1_onnx_fp32": {"PEER_BACKEND": "onnx", "PEER_MODEL": str(EXPORT)},
-    "peer1_onnx_int8": {"PEER_BACKEND": "onnx", "PEER_MODEL": str(EXPORT_INT8)},
-    "peer2_torch": {"PEER_BACKEND": "torch"},
+FASTAPI = {  # name: the environment of benchmarks/peer.py
+    "fastapi_onnx_fp32": {"PEER_BACKEND": "onnx", "PEER_MODEL": str(EXPORT)},
+    "fastapi_onnx_int8": {"PEER_BACKEND": "onnx", "PEER_MODEL": str(EXPORT_INT8)},
+    "fastapi_torch": {"PEER_BACKEND": "torch"},
 }
-ONNX_PEERS = ("peer1_onnx_fp32", "peer1_onnx_int8")
+SERVERS = ("ours", "torchserve", "triton", "bentoml_batchable", *FASTAPI)
+COMPARED = ("torchserve", "triton", "triton_tensor", "bentoml_batchable", "fastapi_onnx_int8")  # ours / each
 DATASET = REPO / "data" / "prepared" / "dataset.npz"
 WORKERS = int(os.environ.get("SERVING_WORKERS", str(os.cpu_count() or 1)))
+THREADS = int(os.environ.get("SERVING_THREADS", str(threads_per_worker({"workers": WORKERS}))))
 
 
 def payload_images() -> np.ndarray:
@@ -61,10 +71,18 @@ def payload_images() -> np.ndarray:
         return np.ascontiguousarray(data["x_test"][:2048, 0])
 
 
-def start(name: str, folder: Path) -> ChildServer:
+def start(name: str, folder: Path, served: Path) -> ChildServer:
+    """Server `name`, ready, on the file `served` (the FastAPI peers on the file each names)."""
     log = folder / f"{name}.log"
     if name == "ours":
         return LocalServer("serving.service:Classifier", log).wait_ready()
+    if name == "torchserve":
+        return frameworks.torchserve(served, folder, WORKERS, THREADS)
+    if name == "triton":
+        return frameworks.Triton(served, folder, WORKERS, THREADS).wait_ready()
+    if name == "bentoml_batchable":
+        target = "benchmarks.bentoml_batchable:Batchable"
+        return LocalServer(target, log, PEER_MODEL=str(served), PEER_THREADS=str(THREADS)).wait_ready()
     command = [
         str(Path(sys.executable).parent / "uvicorn"),
         "benchmarks.peer:app",
@@ -77,10 +95,12 @@ def start(name: str, folder: Path) -> ChildServer:
         "--log-level",
         "warning",
     ]
-    return ChildServer(command, log, "/docs", **PEERS[name]).wait_ready()
+    return ChildServer(command, log, "/docs", env=FASTAPI[name]).wait_ready()
 
 
-def loadgen(url: str, kind: str, images: Path, concurrency: int, count: int, duration: float) -> dict:
+def loadgen(
+    url: str, kind: str, images: Path, concurrency: int, count: int, duration: float, path: str | None = None
+) -> dict:
     done = subprocess.run(
         [
             sys.executable,
@@ -98,6 +118,7 @@ def loadgen(url: str, kind: str, images: Path, concurrency: int, count: int, dur
             str(count),
             "--duration",
             str(duration),
+            *(["--path", path] if path else []),
         ],
         cwd=REPO,
         capture_output=True,
@@ -162,38 +183,147 @@ def served_accuracy(url: str, images: np.ndarray, labels: np.ndarray) -> dict:
     return {"images": len(labels), "accuracy": float((np.array(predicted) == labels).mean())}
 
 
+@dataclass(frozen=True)
+class Target:
+    """A row of the tables: where its clients post each kind of request (loadgen's kind and path)."""
+
+    name: str
+    url: str
+    requests: dict[str, tuple[str, str | None]]
+
+
+def targets_of(name: str, server: ChildServer) -> list[Target]:
+    kinds = {kind: (kind, server.routes.get(kind)) for kind in ("png", "json", "bulk")}
+    targets = [Target(name, server.url, kinds)]
+    if isinstance(server, frameworks.Triton):  # the same pixels as a tensor, to Triton itself
+        targets.append(Target("triton_tensor", server.tensor_url, {"png": ("tensor", None)}))
+    return targets
+
+
+def interleaved(targets: list[Target], kind: str, concurrency: int, count: int, args, payloads: Path) -> dict:
+    """Runs of one load point on every target that takes `kind`, in turn, the order rotating each repeat."""
+    active = [t for t in targets if kind in t.requests]
+    runs: dict[str, list[dict]] = {t.name: [] for t in active}
+    for repeat in range(args.repeats):
+        shift = repeat % len(active)
+        for target in active[shift:] + active[:shift]:
+            load, path = target.requests[kind]
+            runs[target.name].append(loadgen(target.url, load, payloads, concurrency, count, args.duration, path))
+    return runs
+
+
+def paired_ratios(ours: list[dict], peer: list[dict]) -> dict:
+    """Ours over a peer, per run of the same repeat (their turns adjacent), then the median."""
+    return {
+        key: statistics.median(o[key] / p[key] for o, p in zip(ours, peer, strict=True))
+        for key in ("requests_per_s", "p99_ms")
+    }
+
+
+def measure_points(targets: list[Target], args, payloads: Path, results: dict) -> None:
+    """Every load point on every target, and ours over each compared peer."""
+    measured: dict = {t.name: {"png": {}, "json": {}} for t in targets}
+    ratios: dict = {}
+    plan = [(kind, c) for kind in ("png", "json") for c in args.concurrency]
+    for kind, concurrency in progress(plan, desc="load points", unit="point"):
+        runs = interleaved(targets, kind, concurrency, args.requests, args, payloads)
+        for name, name_runs in runs.items():
+            measured[name][kind][str(concurrency)] = median_of(name_runs)
+            if name in COMPARED and "ours" in runs:
+                by_kind = ratios.setdefault(name, {}).setdefault(kind, {})
+                by_kind[str(concurrency)] = paired_ratios(runs["ours"], name_runs)
+    for name, name_runs in interleaved(targets, "bulk", 1, 40, args, payloads).items():
+        bulk = median_of(name_runs)
+        bulk["images_per_s"] = bulk["requests_per_s"] * 256
+        measured[name]["bulk"] = bulk
+    results["servers"], results["ratios"] = measured, ratios
+
+
+def measure_ours(server: ChildServer, args, payloads: Path, results: dict) -> dict:
+    """Ours alone: the soak, the memory, the accuracy served over HTTP, and the model it served (returned)."""
+    if args.soak_seconds:
+        print(f"soak: 256 clients for {args.soak_seconds:.0f} s", file=sys.stderr)
+        soak = loadgen(server.url, "png", payloads, 256, 10**9, args.soak_seconds)
+        results["soak"] = {**soak, "errors": sum(soak["errors"].values())}
+    if args.memory_requests:
+        print(f"memory: {args.memory_requests} requests from 64 clients", file=sys.stderr)
+        before = server_rss(server)
+        runs = [loadgen(server.url, kind, payloads, 64, args.memory_requests // 2, 3600) for kind in ("png", "json")]
+        after = server_rss(server)
+        results["memory"] = {
+            "rss_before_mb": before / 2**20,
+            "rss_after_mb": after / 2**20,
+            "growth": after / before - 1,
+            "requests": sum(r["requests"] for r in runs),
+            "errors": sum(sum(r["errors"].values()) for r in runs),
+        }
+    with np.load(DATASET) as data:
+        results["served_accuracy"] = served_accuracy(server.url, data["x_test"][:, 0], data["y_test"])
+    offline = read_json(EXPORT_RECORD)["int8_gate"]
+    precision = results["model"]["served_precision"]
+    results["served_accuracy"]["offline_accuracy"] = offline[f"{precision}_test_accuracy"]
+    return served_model(server.url)
+
+
+LEGEND = {
+    "ours": "this service (`make serve`)",
+    "torchserve": "TorchServe 0.12 (Java frontend, Python workers; benchmarks/torchserve/)",
+    "triton": "Triton (python backend running onnxruntime) behind an aiohttp front that decodes uploads "
+    "(benchmarks/triton/)",
+    "triton_tensor": "Triton itself, the same pixels as a binary tensor",
+    "bentoml_batchable": "BentoML's own batching: an API service awaiting a `batchable=True` model service "
+    "(benchmarks/bentoml_batchable.py)",
+    "fastapi_onnx_fp32": "FastAPI + onnxruntime once per request, fp32 file (benchmarks/peer.py)",
+    "fastapi_onnx_int8": "FastAPI + onnxruntime once per request, int8 file",
+    "fastapi_torch": "FastAPI + the PyTorch model, eager",
+}
+
+
 def table(results: dict) -> str:
-    names = list(results["servers"])
-    model = results["model"]
+    servers, model, concurrency = results["servers"], results["model"], results["concurrency"]
     lines = [
-        f"Model: {model['name']} ({model['test_time_augmentation']}); ours serves {model['served_precision']} "
-        f"on {model['execution_provider']}.",
+        f"Model: {model['name']} ({model['test_time_augmentation']}), served as {model['served_precision']} on "
+        f"{model['execution_provider']}; {results['machine']['workers']} workers (or instances) per server, "
+        f"{results['machine']['threads']} onnxruntime thread(s) each; medians of {results['repeats']} runs.",
+        "",
+        "| server | what it is |",
+        "|---|---|",
+        *(f"| {name} | {LEGEND[name]} |" for name in servers),
+    ]
+    for name, reason in results.get("skipped", {}).items():
+        lines.append(f"| {name} | not measured: {reason} |")
+    lines += [
         "",
         "| server | request | clients | requests/s | p50 ms | p99 ms | requests | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in ("png", "json"):
-        for concurrency in results["concurrency"]:
-            for name in names:
-                r = results["servers"][name][kind][str(concurrency)]
-                lines.append(
-                    f"| {name} | {kind} | {concurrency} | {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | "
-                    f"{r['p99_ms']:.1f} | {r['requests']} | {r['errors']} |"
-                )
-    if results.get("ratios"):
+        for c in concurrency:
+            for name, measured in servers.items():
+                if str(c) in measured[kind]:
+                    r = measured[kind][str(c)]
+                    request = "tensor" if name == "triton_tensor" else kind
+                    lines.append(
+                        f"| {name} | {request} | {c} | {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | "
+                        f"{r['p99_ms']:.1f} | {r['requests']} | {r['errors']} |"
+                    )
+    if results["ratios"]:
         lines += [
             "",
-            "| requests/s, ours / peer | " + " | ".join(f"{c} clients" for c in results["concurrency"]) + " |",
-            "|---|" + "---:|" * len(results["concurrency"]),
+            "| ours / peer: requests/s (p99) | " + " | ".join(f"{c} clients" for c in concurrency) + " |",
+            "|---|" + "---:|" * len(concurrency),
         ]
         for peer, by_kind in results["ratios"].items():
             for kind, ratios in by_kind.items():
-                cells = " | ".join(f"{ratios[str(c)]:.2f}" for c in results["concurrency"])
+                cells = " | ".join(
+                    f"{ratios[str(c)]['requests_per_s']:.2f} ({ratios[str(c)]['p99_ms']:.2f})" for c in concurrency
+                )
                 lines.append(f"| {peer}, {kind} | {cells} |")
     lines += ["", "| bulk: 256 images per request | images/s | p99 ms | errors |", "|---|---:|---:|---:|"]
-    for name in names:
-        b = results["servers"][name]["bulk"]
-        lines.append(f"| {name}, 1 client | {b['images_per_s']:.0f} | {b['p99_ms']:.1f} | {b['errors']} |")
+    for name, measured in servers.items():
+        if "bulk" in measured:
+            b = measured["bulk"]
+            lines.append(f"| {name}, 1 client | {b['images_per_s']:.0f} | {b['p99_ms']:.1f} | {b['errors']} |")
     for raw in results["raw_onnxruntime"].values():
         p = raw["precision"]
         lines.append(f"| raw onnxruntime {p}, JSON decoding included | {raw['json_batch_256_images_per_s']:.0f} | | |")
@@ -223,50 +353,14 @@ def table(results: dict) -> str:
         a = results["served_accuracy"]
         lines.append(
             f"served accuracy over HTTP, {a['images']:,} test images: {a['accuracy']:.2%} "
-            f"(fp32 model offline: {a['fp32_offline_accuracy']:.2%})"
+            f"({model['served_precision']} file offline: {a['offline_accuracy']:.2%})"
         )
     return "\n".join(lines)
 
 
-def measure(server: ChildServer, name: str, args: argparse.Namespace, payloads: Path, results: dict) -> dict | None:
-    """Every load point on one server; for ours also the soak, the memory and the served accuracy, and the model
-    it served (returned)."""
-    loadgen(server.url, "png", payloads, 16, 500, 5)  # warm-up, not reported
-    measured: dict = {"png": {}, "json": {}}
-    plan = [(kind, c) for kind in ("png", "json") for c in args.concurrency]
-    for kind, concurrency in progress(plan, desc=name, unit="load"):
-        runs = [
-            loadgen(server.url, kind, payloads, concurrency, args.requests, args.duration) for _ in range(args.repeats)
-        ]
-        measured[kind][str(concurrency)] = median_of(runs)
-    bulk = median_of([loadgen(server.url, "bulk", payloads, 1, 40, args.duration) for _ in range(args.repeats)])
-    bulk["images_per_s"] = bulk["requests_per_s"] * 256
-    measured["bulk"] = bulk
-    results["servers"][name] = measured
-    if name != "ours":
-        return None
-    card = requests.get(f"{server.url}/model", timeout=10).json()
-    results["model"].update(served_precision=card["precision"], execution_provider=card["execution_provider"])
-    if args.soak_seconds:
-        print(f"soak: 256 clients for {args.soak_seconds:.0f} s", file=sys.stderr)
-        soak = loadgen(server.url, "png", payloads, 256, 10**9, args.soak_seconds)
-        results["soak"] = {**soak, "errors": sum(soak["errors"].values())}
-    if args.memory_requests:
-        print(f"memory: {args.memory_requests} requests from 64 clients", file=sys.stderr)
-        before = server_rss(server)
-        runs = [loadgen(server.url, kind, payloads, 64, args.memory_requests // 2, 3600) for kind in ("png", "json")]
-        after = server_rss(server)
-        results["memory"] = {
-            "rss_before_mb": before / 2**20,
-            "rss_after_mb": after / 2**20,
-            "growth": after / before - 1,
-            "requests": sum(r["requests"] for r in runs),
-            "errors": sum(sum(r["errors"].values()) for r in runs),
-        }
-    with np.load(DATASET) as data:
-        results["served_accuracy"] = served_accuracy(server.url, data["x_test"][:, 0], data["y_test"])
-    results["served_accuracy"]["fp32_offline_accuracy"] = read_json(EXPORT_RECORD)["int8_gate"]["fp32_test_accuracy"]
-    return served_model(server.url)
+def skipped(name: str) -> str | None:
+    """Why server `name` cannot run here, if it cannot."""
+    return frameworks.missing_java() if name == "torchserve" else None
 
 
 def main() -> None:
@@ -275,7 +369,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=6000, help="bound per run")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per run at most")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
-    parser.add_argument("--servers", nargs="+", default=["ours", *PEERS], choices=["ours", *PEERS])
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     parser.add_argument("--soak-seconds", type=float, default=60.0, help="0 to skip")
     parser.add_argument("--memory-requests", type=int, default=100_000, help="0 to skip")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "serving.json")
@@ -287,47 +381,41 @@ def main() -> None:
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "workers": WORKERS,
+            "threads": THREADS,
             "onnxruntime": ort.__version__,
         },
-        "model": {
-            "name": metadata["model_name"],
-            "test_time_augmentation": metadata["test_time_augmentation"],
-            "served_precision": "not measured",
-            "execution_provider": "not measured",
-        },
+        "model": {"name": metadata["model_name"], "test_time_augmentation": metadata["test_time_augmentation"]},
         "concurrency": args.concurrency,
         "repeats": args.repeats,
-        "servers": {},
+        "skipped": {name: reason for name in args.servers if (reason := skipped(name))},
     }
     served = None
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         folder = Path(tmp)
         np.save(folder / "images.npy", images)
-        for name in args.servers:
-            server = start(name, folder)
-            try:
-                served = measure(server, name, args, folder / "images.npy", results) or served
-            finally:
-                server.close()
+        ours = stack.enter_context(start("ours", folder, EXPORT_INT8))
+        card = requests.get(f"{ours.url}/model", timeout=10).json()
+        results["model"].update(served_precision=card["precision"], execution_provider=card["execution_provider"])
+        served_file = EXPORT_INT8 if card["precision"] == "int8" else EXPORT
+        targets = targets_of("ours", ours) if "ours" in args.servers else []
+        with contextlib.ExitStack() as peers:
+            for name in progress(
+                [n for n in args.servers if n != "ours" and n not in results["skipped"]], desc="starting", unit="server"
+            ):
+                targets += targets_of(name, peers.enter_context(start(name, folder, served_file)))
+            for target in targets:  # warm-up, not reported
+                load, path = target.requests["png"]
+                loadgen(target.url, load, folder / "images.npy", 16, 500, 5, path)
+            measure_points(targets, args, folder / "images.npy", results)
+        if "ours" in args.servers:
+            served = measure_ours(ours, args, folder / "images.npy", results)
     results["raw_onnxruntime"] = {
         precision: raw_onnxruntime(path, images, repeats=5)
         for precision, path in (("fp32", EXPORT), ("int8", EXPORT_INT8))
     }
     if "ours" in results["servers"]:
-        ours = results["servers"]["ours"]
         raw = results["raw_onnxruntime"][results["model"]["served_precision"]]
-        results["bulk_vs_raw"] = ours["bulk"]["images_per_s"] / raw["json_batch_256_images_per_s"]
-        results["ratios"] = {
-            peer: {
-                kind: {
-                    c: ours[kind][c]["requests_per_s"] / results["servers"][peer][kind][c]["requests_per_s"]
-                    for c in ours[kind]
-                }
-                for kind in ("png", "json")
-            }
-            for peer in ONNX_PEERS
-            if peer in results["servers"]
-        }
+        results["bulk_vs_raw"] = results["servers"]["ours"]["bulk"]["images_per_s"] / raw["json_batch_256_images_per_s"]
     print(f"serving benchmark: {os.cpu_count()} CPUs, {WORKERS} workers per server, medians of {args.repeats} runs")
     publish(results, table(results), args.output, served)
 

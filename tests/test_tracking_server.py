@@ -50,7 +50,7 @@ def team_server(tmp_path_factory):
     assert made  # the first start makes the admin's password
     folder = tmp_path_factory.mktemp("mlflow-server")
     command = server_command(backend, folder / "artifacts", "127.0.0.1", "{port}")
-    server = ChildServer(command, folder / "log", "/health", **env, **database.env)
+    server = ChildServer(command, folder / "log", "/health", env={**env, **database.env})
     try:
         yield {
             "server": server.wait_ready(timeout=180),

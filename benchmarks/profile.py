@@ -1,0 +1,149 @@
+"""Where a worker's CPU time goes (`make bench-profile`): py-spy samples one worker of `bentoml serve` (the
+`make serve` configuration) while benchmarks/loadgen.py sends PNG uploads at 64 and 256 clients; every sampled
+stack is put in the layer of its innermost frame that belongs to one (LAYERS), and each layer's samples become
+CPU microseconds per request (the worker's share of the requests answered meanwhile). Writes a flame graph per
+load (docs/profile/) and benchmarks/results/profile.json; prints the table.
+
+py-spy is installed by the benchmark into its own environment under .bench/, as the peer frameworks are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from benchmarks import frameworks
+from benchmarks.local_server import REPO, LocalServer
+from benchmarks.publish import publish, served_model
+from benchmarks.serving import loadgen, payload_images
+
+FLAME_GRAPHS = REPO / "docs" / "profile"
+RATE = 200  # samples per second and thread
+# layer: patterns of a frame's file, the innermost frame that matches one naming the layer of a sample
+LAYERS = {
+    "onnxruntime": ["/onnxruntime/"],
+    "decoding (PIL)": ["/PIL/", "serving/preprocess.py"],
+    "multipart parsing": ["multipart", "formparsers.py"],
+    "JSON and validation": ["/json/", "orjson", "/pydantic", "serving/inputs.py"],
+    "metrics": ["prometheus_client", "serving/metrics.py"],
+    "prediction log": ["serving/prediction_log.py", "sqlite3", "/numpy/lib/_npyio"],
+    "batching": ["serving/batcher.py"],
+    "shadow and registry": ["serving/shadow.py", "serving/follow.py"],
+    "HTTP parsing": ["/h11/", "httptools", "uvicorn/protocols"],
+    "routing and middleware": ["/starlette/", "/bentoml/", "/_bentoml_impl/", "/_bentoml_sdk/", "/fastapi/"],
+    "our request handling": ["serving/"],
+    "event loop": ["asyncio", "uvloop", "selectors.py", "/anyio/"],
+}
+FRAME = re.compile(r"\((?P<file>[^:()]+)(?::\d+)?\)$")
+
+
+def layer_of(stack: list[str]) -> str:
+    """The layer of a stack (outermost frame first) given by its innermost frame that matches one."""
+    for frame in reversed(stack):
+        match = FRAME.search(frame)
+        file = match["file"] if match else frame
+        for layer, patterns in LAYERS.items():
+            if any(pattern in file for pattern in patterns):
+                return layer
+    return "other"
+
+
+def read_raw(path: Path) -> Counter:
+    """py-spy's raw (collapsed) output, `frame;frame;... count` per line, summed per layer."""
+    layers: Counter = Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        layers[layer_of(stack.split(";")[1:])] += int(count)  # the first entry names the process or thread
+    return layers
+
+
+def workers(server: LocalServer) -> list[psutil.Process]:
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    return [p for p in children if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+
+
+def profile(server: LocalServer, py_spy: Path, payloads: Path, clients: int, seconds: float, folder: Path) -> dict:
+    """One load level: the layers' CPU µs per request on one worker, and its flame graph."""
+    worker = workers(server)[0]
+    share = 1 / len(workers(server))
+    load = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.loadgen", "--url", server.url, "--kind", "png", "--images",
+         str(payloads), "--concurrency", str(clients), "--requests", "1000000000", "--duration",
+         str(2 * seconds + 6)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    raw, svg = folder / f"{clients}.txt", FLAME_GRAPHS / f"worker-{clients}-clients.svg"
+    record = [str(py_spy), "record", "--pid", str(worker.pid), "--rate", str(RATE), "--duration", str(int(seconds))]
+    time.sleep(3)  # the load at its level
+    subprocess.run([*record, "--format", "raw", "--output", str(raw), "--nonblocking"], check=True)
+    subprocess.run([*record, "--format", "flamegraph", "--output", str(svg), "--nonblocking"], check=True)
+    out, _ = load.communicate()
+    answered = json.loads(out.strip().splitlines()[-1])
+    requests = answered["requests_per_s"] * seconds * share
+    layers = read_raw(raw)
+    per_request = {layer: 1e6 * samples / RATE / requests for layer, samples in layers.most_common()}
+    return {
+        "clients": clients,
+        "requests_per_s": answered["requests_per_s"],
+        "errors": sum(answered["errors"].values()),
+        "worker_requests": requests,
+        "samples": sum(layers.values()),
+        "cpu_us_per_request": per_request,
+        "flame_graph": str(svg.relative_to(REPO)),
+    }
+
+
+def table(results: dict) -> str:
+    levels = results["levels"]
+    layers = sorted({layer for level in levels for layer in level["cpu_us_per_request"]},
+                    key=lambda layer: -levels[0]["cpu_us_per_request"].get(layer, 0))  # fmt: skip
+    lines = [
+        f"One worker of {results['workers']}, PNG uploads, py-spy at {RATE} samples/s for "
+        f"{results['seconds']:.0f} s per level: CPU µs per request by layer.",
+        "",
+        "| layer | " + " | ".join(f"{level['clients']} clients" for level in levels) + " |",
+        "|---|" + "---:|" * len(levels),
+    ]
+    for layer in layers:
+        cells = []
+        for level in levels:
+            us, total = level["cpu_us_per_request"].get(layer, 0), sum(level["cpu_us_per_request"].values())
+            cells.append(f"{us:.0f} ({us / total:.0%})")
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    totals = " | ".join(f"**{sum(level['cpu_us_per_request'].values()):.0f}**" for level in levels)
+    lines.append(f"| all | {totals} |")
+    rates = " | ".join(f"{level['requests_per_s']:.0f}" for level in levels)
+    lines.append(f"| requests/s (both workers) | {rates} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--seconds", type=float, default=20.0, help="sampling time per level")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "profile.json")
+    args = parser.parse_args()
+    py_spy = frameworks.environment("py-spy") / "bin" / "py-spy"
+    FLAME_GRAPHS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        np.save(folder / "images.npy", payload_images())
+        with LocalServer("serving.service:Classifier", folder / "server.log").wait_ready() as server:
+            loadgen(server.url, "png", folder / "images.npy", 16, 500, 5)  # warm-up, not reported
+            levels = [profile(server, py_spy, folder / "images.npy", c, args.seconds, folder) for c in args.clients]
+            results = {"workers": len(workers(server)), "seconds": args.seconds, "levels": levels}
+            publish(results, table(results), args.output, served_model(server.url))
+
+
+if __name__ == "__main__":
+    main()
