@@ -1,7 +1,9 @@
 """Where a worker's CPU time goes (`make bench-profile`): py-spy samples one worker of `bentoml serve` (the
 `make serve` configuration) while benchmarks/loadgen.py sends PNG uploads at 64 and 256 clients; every sampled
-stack is put in the layer of its innermost frame that belongs to one (LAYERS), and each layer's samples become
-CPU microseconds per request (the worker's share of the requests answered meanwhile). Writes a flame graph per
+stack is put in the layer of its innermost frame that belongs to one (LAYERS). A layer's share of the samples
+times the worker's CPU time over the same seconds (the kernel's count: py-spy also samples threads that are
+ready to run but wait for a CPU) gives its CPU microseconds per request (the worker's share of the requests
+answered meanwhile). Writes a flame graph per
 load (docs/profile/) and benchmarks/results/profile.json; prints the table.
 
 py-spy is installed by the benchmark into its own environment under .bench/, as the peer frameworks are.
@@ -85,19 +87,24 @@ def profile(server: LocalServer, py_spy: Path, payloads: Path, clients: int, sec
     raw, svg = folder / f"{clients}.txt", FLAME_GRAPHS / f"worker-{clients}-clients.svg"
     record = [str(py_spy), "record", "--pid", str(worker.pid), "--rate", str(RATE), "--duration", str(int(seconds))]
     time.sleep(3)  # the load at its level
-    subprocess.run([*record, "--format", "raw", "--output", str(raw), "--nonblocking"], check=True)
-    subprocess.run([*record, "--format", "flamegraph", "--output", str(svg), "--nonblocking"], check=True)
+    before = worker.cpu_times()
+    subprocess.run([*record, "--nonblocking", "--full-filenames", "--format", "raw", "--output", str(raw)], check=True)
+    after = worker.cpu_times()
+    subprocess.run([*record, "--nonblocking", "--format", "flamegraph", "--output", str(svg)], check=True)
     out, _ = load.communicate()
     answered = json.loads(out.strip().splitlines()[-1])
     requests = answered["requests_per_s"] * seconds * share
+    cpu_seconds = after.user + after.system - before.user - before.system
     layers = read_raw(raw)
-    per_request = {layer: 1e6 * samples / RATE / requests for layer, samples in layers.most_common()}
+    samples = sum(layers.values())
+    per_request = {layer: 1e6 * cpu_seconds * n / samples / requests for layer, n in layers.most_common()}
     return {
         "clients": clients,
         "requests_per_s": answered["requests_per_s"],
         "errors": sum(answered["errors"].values()),
         "worker_requests": requests,
-        "samples": sum(layers.values()),
+        "samples": samples,
+        "cpu_seconds": cpu_seconds,
         "cpu_us_per_request": per_request,
         "flame_graph": str(svg.relative_to(REPO)),
     }
@@ -139,7 +146,8 @@ def main() -> None:
         folder = Path(tmp)
         np.save(folder / "images.npy", payload_images())
         with LocalServer("serving.service:Classifier", folder / "server.log").wait_ready() as server:
-            loadgen(server.url, "png", folder / "images.npy", 16, 500, 5)  # warm-up, not reported
+            # warm-up, not reported: the first requests, and the imports of the threads the workers start
+            loadgen(server.url, "png", folder / "images.npy", 16, 10**9, 20)
             levels = [profile(server, py_spy, folder / "images.npy", c, args.seconds, folder) for c in args.clients]
             results = {"workers": len(workers(server)), "seconds": args.seconds, "levels": levels}
             publish(results, table(results), args.output, served_model(server.url))
