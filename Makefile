@@ -39,7 +39,7 @@ PORT ?= 3000
 UI_PORT ?= 5000
 
 .PHONY: setup requirements audit test-tools run run-full push pull lint test test-fast ui mlflow-server serve monitor feedback-data retrain promote rollback doctor bench \
-	bench-sweep bench-train bench-photos bench-headers bench-profile docs clean
+	bench-sweep bench-train bench-photos bench-headers bench-profile bench-views docs clean
 
 setup: $(VENV)/.installed
 
@@ -164,6 +164,10 @@ bench-headers: setup
 # Where a worker's CPU time goes under load, by layer, with flame graphs (py-spy, installed under .bench/).
 bench-profile: setup
 	$(BIN)/python -m benchmarks.profile
+
+# The champion re-exported with each set of test-time views (1, 2, 5, 10): served accuracy and requests/s.
+bench-views: setup
+	$(BIN)/python -m benchmarks.views
 
 # Our trainer against a tutorial-style DataLoader loop; needs the prepared data (`make run`).
 bench-train: setup
