@@ -14,7 +14,7 @@ from pathlib import Path
 import bentoml
 import numpy as np
 
-from benchmarks.answers import PeerModel, answer
+from benchmarks.answers import PeerModel, answer, read_card
 from serving.settings import cpu_count
 
 MODEL = os.environ.get("PEER_MODEL", "export/model.int8.onnx")
@@ -36,7 +36,7 @@ class Batchable:
     model = bentoml.depends(Model)
 
     def __init__(self) -> None:
-        self.card = PeerModel(MODEL).card
+        self.card = read_card(MODEL)
 
     @bentoml.api
     async def predict(self, image: Path) -> dict:

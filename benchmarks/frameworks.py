@@ -149,32 +149,19 @@ class Triton(ChildServer):
     def __init__(self, model: Path, folder: Path, workers: int, threads: int):
         env = environment("triton")
         python = env / "bin" / "python"
-        packaged = (
-            Path(
-                subprocess.run(
-                    [python, "-c", "import pytriton, os; print(os.path.dirname(pytriton.__file__))"],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout.strip()
-            )
-            / "tritonserver"
-        )
+        site = next((env / "lib").glob("python3*/site-packages"))
+        packaged = site / "pytriton" / "tritonserver"
         backends = folder / "triton-backends"
         shutil.copytree(packaged / "backends", backends)
-        version = subprocess.run(
-            [python, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        shutil.copy(packaged / "python_backend_stubs" / version / "triton_python_backend_stub", backends / "python")
+        stub = (
+            packaged / "python_backend_stubs" / site.parent.name.removeprefix("python") / "triton_python_backend_stub"
+        )
+        shutil.copy(stub, backends / "python")  # the stub for the environment's Python, as PyTriton picks it
         repository = folder / "triton-models"
         shutil.copytree(TRITON / "model_repository", repository)
         shutil.copy(model, repository / "fashion" / "1" / "model.onnx")
         config = repository / "fashion" / "config.pbtxt"
         config.write_text(config.read_text().replace("count: 2", f"count: {workers}"))
-        site = next((env / "lib").glob("python3*/site-packages"))
         triton_env = {
             **peer_environment(threads),
             "PYTHONPATH": f"{REPO}:{site}",

@@ -76,8 +76,8 @@ def workers(server: LocalServer) -> list[psutil.Process]:
 
 def profile(server: LocalServer, py_spy: Path, payloads: Path, clients: int, seconds: float, folder: Path) -> dict:
     """One load level: the layers' CPU µs per request on one worker, and its flame graph."""
-    worker = workers(server)[0]
-    share = 1 / len(workers(server))
+    serving = workers(server)
+    worker, share = serving[0], 1 / len(serving)
     load = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.loadgen", "--url", server.url, "--kind", "png", "--images",
          str(payloads), "--concurrency", str(clients), "--requests", "1000000000", "--duration",

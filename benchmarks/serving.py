@@ -212,6 +212,13 @@ def interleaved(targets: list[Target], kind: str, concurrency: int, count: int, 
     return runs
 
 
+def warm_up(targets: list[Target], payloads: Path) -> None:
+    """A few seconds of load on each target, not reported."""
+    for target in targets:
+        load, path = target.requests["png"]
+        loadgen(target.url, load, payloads, 16, 500, 5, path)
+
+
 def paired_ratios(ours: list[dict], peer: list[dict]) -> dict:
     """Ours over a peer, per run of the same repeat (their turns adjacent), then the median."""
     return {
@@ -403,9 +410,7 @@ def main() -> None:
                 [n for n in args.servers if n != "ours" and n not in results["skipped"]], desc="starting", unit="server"
             ):
                 targets += targets_of(name, peers.enter_context(start(name, folder, served_file)))
-            for target in targets:  # warm-up, not reported
-                load, path = target.requests["png"]
-                loadgen(target.url, load, folder / "images.npy", 16, 500, 5, path)
+            warm_up(targets, folder / "images.npy")
             measure_points(targets, args, folder / "images.npy", results)
         if "ours" in args.servers:
             served = measure_ours(ours, args, folder / "images.npy", results)

@@ -28,6 +28,7 @@ from benchmarks.serving import (
     payload_images,
     served_accuracy,
     targets_of,
+    warm_up,
 )
 from serving.files import read_json
 from serving.model_store import EXPORT_RECORD, save_onnx
@@ -51,12 +52,11 @@ def view_sets(exported: TtaSettings) -> dict[int, TtaSettings]:
     return {s.views: s for s in sets}
 
 
-def export_views(tta: TtaSettings, params: Params, folder: Path) -> tuple[str, dict]:
+def export_views(tta: TtaSettings, params: Params, champion: dict, data: Prepared, folder: Path) -> tuple[str, dict]:
     """The champion with `tta`'s views, exported as the export stage exports it: (BentoML tag, int8 gate figures)."""
-    card, champion = read_json(CARD_FILE), read_json(CHALLENGER_FILE)
+    card = read_json(CARD_FILE)
     metadata = onnx_metadata(champion, card, params.data.spec.upload_fit, tta.describe(), "views-benchmark")
     net = TestTimeAugmented(load_trained(champion["model"], params, card), tta).eval()
-    data = Prepared.load(DATASET_FILE)
     bundle = build_bundle(
         net, data, None, params.export, metadata, folder, params.data.seed, params.evaluate.batch_size
     )
@@ -96,10 +96,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "views.json")
     args = parser.parse_args()
-    args.requests = 10**9
     params = Params.load()
-    champion = read_json(CHALLENGER_FILE)["model"]
-    exported = params.tta_for(champion)
+    champion = read_json(CHALLENGER_FILE)
+    exported = params.tta_for(champion["model"])
     record = read_json(EXPORT_RECORD)
     served_tag = record["bentoml_tag"]
     rows: dict[str, dict] = {}
@@ -110,8 +109,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         folder = Path(tmp)
         try:
+            data = Prepared.load(DATASET_FILE)
             for views, tta in progress([(v, t) for v, t in sets.items() if v != exported.views], desc="exporting"):
-                tags[views], gates[views] = export_views(tta, params, folder / f"views-{views}")
+                tags[views], gates[views] = export_views(tta, params, champion, data, folder / f"views-{views}")
                 made.append(tags[views])
             np.save(folder / "images.npy", payload_images())
             servers = {
@@ -123,12 +123,12 @@ def main() -> None:
                 for views in sorted(sets)
             }
             targets = [t for views, s in servers.items() for t in targets_of(str(views), s)]
-            for target in targets:  # warm-up, not reported
-                interleaved([target], "png", 16, 500, argparse.Namespace(repeats=1, duration=5), folder / "images.npy")
-            runs = interleaved(targets, "png", args.clients, args.requests, args, folder / "images.npy")
+            warm_up(targets, folder / "images.npy")
+            runs = interleaved(targets, "png", args.clients, 10**9, args, folder / "images.npy")
             with np.load(DATASET) as data:
                 images, labels = data["x_test"][:, 0], data["y_test"]
-            precision = served_model(servers[exported.views].url)["precision"]
+            served = served_model(servers[exported.views].url)
+            precision = served["precision"]
             for views, server in servers.items():
                 measured = median_of(runs[str(views)])
                 rows[str(views)] = {
@@ -142,13 +142,12 @@ def main() -> None:
                     "ratio": paired_ratios(runs[str(views)], runs[str(exported.views)])["requests_per_s"],
                     "runs": runs[str(views)],
                 }
-            served = served_model(servers[exported.views].url)
         finally:
             stack.close()
             for tag in made:
                 bentoml.models.delete(tag)
     results = {
-        "model": champion,
+        "model": champion["model"],
         "precision": precision,
         "clients": args.clients,
         "repeats": args.repeats,
