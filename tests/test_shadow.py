@@ -166,7 +166,9 @@ def test_shadow_monitor_and_promote(models, tmp_path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             metrics = requests.get(f"{server.url}/metrics", timeout=10).text
-            if metric_samples(metrics, "serving_model_reload_failures_total"):
+            failed_batches = metric_samples(metrics, "serving_shadow_failures_total")  # reported off the request path
+            crashed = metric_samples(metrics, "serving_model_reload_failures_total")
+            if crashed and failed_batches.get("serving_shadow_failures_total", 0) >= 2:
                 break
             time.sleep(0.5)
         answers = predict_batch(server.url, models["x"][:500])
