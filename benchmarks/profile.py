@@ -4,7 +4,7 @@ stack is put in the layer of its innermost frame that belongs to one (LAYERS). A
 times the worker's CPU time over the same seconds (the kernel's count: py-spy also samples threads that are
 ready to run but wait for a CPU) gives its CPU microseconds per request (the worker's share of the requests
 answered meanwhile). Writes a flame graph per
-load (docs/profile/) and benchmarks/results/profile.json; prints the table.
+load (docs/profile/, named after the results file) and benchmarks/results/profile.json; prints the table.
 
 py-spy is installed by the benchmark into its own environment under .bench/, as the peer frameworks are.
 """
@@ -74,7 +74,9 @@ def workers(server: LocalServer) -> list[psutil.Process]:
     return [p for p in children if "_bentoml_impl.worker" in " ".join(p.cmdline())]
 
 
-def profile(server: LocalServer, py_spy: Path, payloads: Path, clients: int, seconds: float, folder: Path) -> dict:
+def profile(
+    server: LocalServer, py_spy: Path, payloads: Path, clients: int, seconds: float, folder: Path, name: str
+) -> dict:
     """One load level: the layers' CPU µs per request on one worker, and its flame graph."""
     serving = workers(server)
     worker, share = serving[0], 1 / len(serving)
@@ -84,7 +86,7 @@ def profile(server: LocalServer, py_spy: Path, payloads: Path, clients: int, sec
          str(2 * seconds + 6)],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    raw, svg = folder / f"{clients}.txt", FLAME_GRAPHS / f"worker-{clients}-clients.svg"
+    raw, svg = folder / f"{clients}.txt", FLAME_GRAPHS / f"{name}-{clients}-clients.svg"
     record = [str(py_spy), "record", "--pid", str(worker.pid), "--rate", str(RATE), "--duration", str(int(seconds))]
     time.sleep(3)  # the load at its level
     before = worker.cpu_times()
@@ -148,7 +150,10 @@ def main() -> None:
         with LocalServer("serving.service:Classifier", folder / "server.log").wait_ready() as server:
             # warm-up, not reported: the first requests, and the imports of the threads the workers start
             loadgen(server.url, "png", folder / "images.npy", 16, 10**9, 20)
-            levels = [profile(server, py_spy, folder / "images.npy", c, args.seconds, folder) for c in args.clients]
+            levels = [
+                profile(server, py_spy, folder / "images.npy", c, args.seconds, folder, args.output.stem)
+                for c in args.clients
+            ]
             results = {"workers": len(workers(server)), "seconds": args.seconds, "levels": levels}
             publish(results, table(results), args.output, served_model(server.url))
 

@@ -181,6 +181,11 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "phone-photos": benchmark("phone_photos.json", "make bench-photos", "benchmarks.phone_photos"),
     "header-flood": benchmark("header_flood.json", "make bench-headers", "benchmarks.header_flood"),
     "worker-profile": benchmark("profile.json", "make bench-profile", "benchmarks.profile"),
+    "worker-profile-before": benchmark(
+        "profile_before.json",
+        "python -m benchmarks.profile --output benchmarks/results/profile_before.json",
+        "benchmarks.profile",
+    ),
     "views-benchmark": benchmark("views.json", "make bench-views", "benchmarks.views"),
 }
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from serving import registry
-from serving.metrics import MODEL_INFO
+from serving.metrics import MODEL_INFO, count_predictions
 from serving.model_store import MODEL_FILES
 from serving.prediction_log import ModelName
 from serving.runtime import ModelFileError, OnnxClassifier, ProbeError
@@ -30,7 +30,14 @@ class ServedModel:
     registered_version: int | None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.classifier.outputs(images)
+        """A batch's output rows, its answers counted in the prediction metrics: once a batch, on the model
+        thread, rather than once a request on the event loop."""
+        rows = self.classifier.outputs(images)
+        columns = self.classifier.columns
+        probabilities, scores = columns.probabilities(rows), columns.ood_score(rows)
+        flagged = scores > self.classifier.ood_threshold
+        count_predictions(self.classifier.class_names, probabilities.argmax(1), probabilities.max(1), flagged)
+        return rows
 
     @property
     def version(self) -> str:

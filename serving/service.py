@@ -28,10 +28,11 @@ from bentoml.exceptions import InvalidArgument
 from pydantic import Field
 
 from serving.batcher import MicroBatcher
+from serving.direct import DirectPredictions
 from serving.follow import Follower
-from serving.inputs import ClientError, images_to_array
+from serving.inputs import ClientError, images_to_array, parse_batch
 from serving.limits import ApiRequestGuard, HeaderLimit
-from serving.metrics import BATCH_SIZES, LOG_DROPPED, count_predictions
+from serving.metrics import BATCH_SIZES, LOG_DROPPED
 from serving.model_source import ensure_model
 from serving.model_store import MODEL_FILES, ModelMissingError, served_record
 from serving.prediction_log import Outputs, Pending, PredictionIds, PredictionLog
@@ -50,6 +51,7 @@ try:
 except (SettingsError, ProviderError, ModelMissingError) as exc:
     sys.exit(f"serving: {exc}")  # one line, not a traceback through BentoML's loader
 INLINE_PIXELS = 256 * 256  # smaller uploads are decoded on the event loop; a thread hop costs more
+INLINE_BYTES = 64 * 1024  # smaller JSON bodies are parsed on the event loop; likewise
 log = logging.getLogger("bentoml.serving")
 
 
@@ -58,6 +60,7 @@ log = logging.getLogger("bentoml.serving")
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.timeout_s},
     tracing={} if SETTINGS.trace_requests else {"excluded_urls": PREDICTION_ROUTES},
+    logging={"access": {"enabled": SETTINGS.access_log}},  # off: not even its middleware runs
 )
 @bentoml.asgi_app(build_api(SETTINGS), path="/", name="classifier")
 class Classifier:
@@ -67,8 +70,6 @@ class Classifier:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        if not SETTINGS.access_log:
-            logging.getLogger("bentoml.access").setLevel(logging.WARNING)
         self.served = self.stored_model()
         classifier = self.served.classifier  # what every version of the registered model shares
         self.class_names = classifier.class_names
@@ -211,16 +212,30 @@ class Classifier:
         except ImageError as exc:
             raise ClientError(str(exc)) from None
 
+    async def classify_upload(self, data: bytes, started: float, details: bool = False) -> dict:
+        """An uploaded image file's prediction; with `details`, every class's probability and the model input."""
+        image = await self.decode(data)
+        prediction = (await self.answer(image, "/predict", started, details=details))[0]
+        if details:
+            prediction["model_input"] = image[0, 0].tolist()
+        return prediction
+
+    async def classify_rows(self, body: bytes, started: float) -> list[dict]:
+        """A JSON body {"images": [...]}: one prediction per image, in order."""
+        args = (body, self.settings.max_batch_images, self.image_shape)
+        images = parse_batch(*args) if len(body) <= INLINE_BYTES else await anyio.to_thread.run_sync(parse_batch, *args)
+        return await self.answer(images, "/predict_batch", started)
+
     async def predict_images(self, images: np.ndarray, route: str, started: float) -> Served:
-        """Model inputs [N,1,28,28] through the batcher with concurrent requests: each image's output row, counted,
-        logged and offered to the challenger, with the model that answered and the ids of its predictions."""
+        """Model inputs [N,1,28,28] through the batcher with concurrent requests (ServedModel counts the answers):
+        each image's output row, logged and offered to the challenger, with the model that answered and the ids of
+        its predictions."""
         answered = await self.batcher(images)
         model: ServedModel = answered.model  # type: ignore[assignment]
         columns = model.classifier.columns
         rows = answered.rows
         probabilities, scores = columns.probabilities(rows), columns.ood_score(rows)
         flagged = scores > model.classifier.ood_threshold
-        count_predictions(self.class_names, probabilities.argmax(1), probabilities.max(1), flagged)
         ids = self.ids.take(len(rows))
         if self.log is not None:
             outputs = Outputs(probabilities, scores, flagged, columns.embedding(rows))
@@ -302,6 +317,7 @@ class Served:
 # bentoml.service returns a Service, which its type hints present as the class; the first middleware added is
 # the outer one, around every route BentoML serves
 Classifier.add_asgi_middleware(HeaderLimit, max_bytes=SETTINGS.max_header_bytes)  # type: ignore[attr-defined]
+Classifier.add_asgi_middleware(DirectPredictions, max_bytes=SETTINGS.max_body_bytes)  # type: ignore[attr-defined]
 Classifier.add_asgi_middleware(  # type: ignore[attr-defined]
     ApiRequestGuard,
     routes={"/api/predict": "multipart/form-data", "/api/predict_batch": "application/json"},

@@ -1,14 +1,16 @@
-"""Request bodies and limits, in-process on a real Starlette app: serving/inputs.py, limits.py and oip.py."""
+"""Request bodies and limits, in-process on a real Starlette app: serving/inputs.py, limits.py, direct.py and oip.py."""
 
 import numpy as np
 import orjson
 import pytest
+import requests
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from serving.direct import multipart_boundary, single_file
 from serving.inputs import ClientError, images_to_array, parse_batch, read_upload
 from serving.limits import ApiRequestGuard, BodyLimit, HeaderLimit
 from serving.oip import input_images, requested_output, split_request
@@ -147,3 +149,26 @@ def test_the_api_guard_refuses_what_bentoml_would_answer_500_and_hands_good_bodi
     assert no_boundary.status_code == 400 and "with a boundary" in no_boundary.json()["error"]
     assert client.post("/api/predict", files={"image": ("x.png", b"a" * 20_000)}).status_code == 413
     assert len(app.bodies) == 1
+
+
+def multipart_body(**parts) -> tuple[bytes, bytes]:
+    """A multipart body as requests (a client people use) encodes it, and its boundary."""
+    prepared = requests.Request("POST", "http://localhost/predict", **parts).prepare()
+    boundary = multipart_boundary(prepared.headers["Content-Type"].encode())
+    assert boundary is not None
+    return prepared.body, boundary
+
+
+def test_the_direct_route_takes_one_file_in_the_image_field_and_leaves_every_other_body_to_the_app():
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    body, boundary = multipart_body(files={"image": ("x.png", png, "image/png")})
+    assert single_file(body, boundary, b"image") == png
+    assert single_file(body, boundary, b"file") is None
+    for other in (
+        {"files": [("image", ("a.png", b"1")), ("image", ("b.png", b"2"))]},  # two files
+        {"files": {"image": ("x.png", png)}, "data": {"note": "x"}},  # an extra field
+        {"files": {"image": (None, "not a file")}},  # a text value
+    ):
+        assert single_file(*multipart_body(**other), b"image") is None, other
+    assert single_file(body[:-10], boundary, b"image") is None  # truncated
+    assert multipart_boundary(b"application/json") is None

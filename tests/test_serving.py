@@ -144,6 +144,36 @@ def test_predict_details_give_every_probability_and_the_model_input(server, mode
     assert plain.headers["X-Model-Version"] == plain.json()["model_version"] == model["tag"].split(":")[1]
 
 
+def test_the_direct_route_and_the_app_route_give_the_same_answer(server, model):
+    """A plain upload is answered ahead of the FastAPI app; with a query string or a chunked body the same
+    request goes through it: same answer, same headers, same limits."""
+    data = png(model["x"][2, 0])
+
+    def chunks():
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n'
+        yield data
+        yield b"\r\n--b--\r\n"
+
+    direct = requests.post(f"{server.url}/predict", files={"image": ("x.png", data)}, timeout=10)
+    answers = [
+        direct,
+        requests.post(f"{server.url}/predict?details=false", files={"image": ("x.png", data)}, timeout=10),
+        requests.post(
+            f"{server.url}/predict",
+            data=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=b"},
+            timeout=10,
+        ),
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    without_ids = [{k: v for k, v in a.json().items() if k != "prediction_id"} for a in answers]
+    assert without_ids[0] == without_ids[1] == without_ids[2]
+    assert {a.headers["X-Model-Version"] for a in answers} == {direct.json()["model_version"]}
+    assert len({a.json()["prediction_id"] for a in answers}) == 3
+    refused = requests.post(f"{server.url}/predict", files={"image": ("x.png", b"not an image")}, timeout=10)
+    assert refused.status_code == 400 and "not an image" in refused.json()["error"]
+
+
 def test_demo_page_is_served_without_anything_from_the_internet(server):
     page = requests.get(f"{server.url}/ui", timeout=5)  # redirected to /ui/
     assert page.status_code == 200 and page.url.endswith("/ui/") and "Try the classifier" in page.text
