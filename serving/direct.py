@@ -2,9 +2,9 @@
 
 A well-formed prediction request (a Content-Length within the limit, no query string, and for /predict a
 multipart body of one file part named `image`) is answered here, past Starlette's routing, FastAPI's request
-handling and the streaming multipart parser: about a third of a worker's CPU time per request before the model
-(docs/results.md, "Where a worker's time goes"). Every other request goes on to the FastAPI routes, which answer
-it in full, errors and all; both paths share serving.routes' handlers, so an answer is the same either way.
+handling and the streaming multipart parser, the largest share of a worker's CPU time per request outside the
+model (docs/results.md, "Where a worker's time goes"). Every other request goes on to the FastAPI routes, which
+answer it in full, errors and all; both paths call the same service methods, so an answer is the same either way.
 """
 
 from __future__ import annotations
