@@ -155,7 +155,7 @@ def multipart_body(**parts) -> tuple[bytes, bytes]:
     """A multipart body as requests (a client people use) encodes it, and its boundary."""
     prepared = requests.Request("POST", "http://localhost/predict", **parts).prepare()
     boundary = multipart_boundary(prepared.headers["Content-Type"].encode())
-    assert boundary is not None
+    assert boundary is not None and isinstance(prepared.body, bytes)
     return prepared.body, boundary
 
 
