@@ -1,8 +1,8 @@
-"""export stage: the challenger in two self-contained ONNX files, test-time augmentation, normalisation and
-metadata inside (uint8 pixels `[N,1,28,28]` in, logits and probabilities out): `model.onnx` (fp32,
-parity-checked against PyTorch on every test image) and `model.int8.onnx` (static QDQ quantization calibrated
-on training images, kept only if it passes the accuracy gate against fp32); both logged to its
-MLflow run and saved in the BentoML model store, for the gate stage to weigh."""
+"""export stage: the challenger (or its one-view student, where the distill stage chose it) in two self-contained
+ONNX files, test-time augmentation, normalisation and metadata inside (uint8 pixels `[N,1,28,28]` in, logits and
+probabilities out): `model.onnx` (fp32, parity-checked against PyTorch on every test image) and `model.int8.onnx`
+(static QDQ quantization calibrated on training images, kept only if it passes the accuracy gate against fp32);
+both logged to the challenger's MLflow run and saved in the BentoML model store, for the gate stage to weigh."""
 
 import logging
 
@@ -11,26 +11,50 @@ from serving.files import read_json, write_json
 from serving.model_store import save_onnx
 from training import tracking
 from training.bundle import build_bundle
-from training.checkpoint import load_augmented
-from training.config import CARD_FILE, CHALLENGER_FILE, CONTRAST_DIR, DATASET_FILE, EXPORT_DIR, Params
+from training.checkpoint import load_augmented, load_trained
+from training.config import (
+    CARD_FILE,
+    CHALLENGER_FILE,
+    CONTRAST_DIR,
+    DATASET_FILE,
+    DISTILL_FILE,
+    DISTILL_WEIGHTS,
+    EXPORT_DIR,
+    Params,
+    TtaSettings,
+)
 from training.data import IDX_IMAGES_MAGIC, Prepared, read_idx
 from training.datasets import TEST_IMAGES
 from training.export import onnx_metadata
+from training.models import TestTimeAugmented
 
 log = logging.getLogger("export")
+
+
+def exported_model(params: Params, card: dict, challenger: dict) -> tuple[TestTimeAugmented, dict, str]:
+    """What is exported: the challenger with its test-time views, or its student with one view where the distill
+    stage chose it; with the figures and the views its metadata names."""
+    name, distilled = challenger["model"], read_json(DISTILL_FILE)
+    if not distilled["exported"]:
+        tta = params.tta_for(name)
+        return load_augmented(name, params, card), challenger, tta.describe()
+    student = load_trained(name, params, card, DISTILL_WEIGHTS)
+    scores = {"val_accuracy": distilled["student_val_accuracy"], "test_accuracy": distilled["student_test_accuracy"]}
+    views = f"none (distilled from {distilled['teacher_views']} views)"
+    return TestTimeAugmented(student, TtaSettings(flip=False, shift=0)).eval(), challenger | scores, views
 
 
 def main() -> None:
     params = Params.load()
     card = read_json(CARD_FILE)
     challenger = read_json(CHALLENGER_FILE)
-    tta = params.tta_for(challenger["model"])
-    metadata = onnx_metadata(challenger, card, params.data.spec.upload_fit, tta.describe(), tracking.git_commit())
+    net, figures, views = exported_model(params, card, challenger)
+    metadata = onnx_metadata(figures, card, params.data.spec.upload_fit, views, tracking.git_commit())
     contrast_spec = params.data.contrast_spec
     contrast = read_idx(CONTRAST_DIR / TEST_IMAGES, IDX_IMAGES_MAGIC)[:, None] if contrast_spec else None
-    log.info("exporting %s to ONNX, test-time augmentation in the graph: %s", challenger["model"], tta.describe())
+    log.info("exporting %s to ONNX, test-time augmentation in the graph: %s", challenger["model"], views)
     bundle = build_bundle(
-        load_augmented(challenger["model"], params, card),
+        net,
         Prepared.load(DATASET_FILE),
         contrast,
         params.export,

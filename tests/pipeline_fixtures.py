@@ -30,8 +30,20 @@ def edit_params(repo: Path, subset: dict, zoo: list[str], edit: Callable[[dict],
 
 
 def tiny_params(repo: Path) -> None:
-    """The committed params with overrides for a fast CPU run: a few hundred images, one epoch, two models."""
-    edit_params(repo, {"train": 500, "test": 200}, ZOO, lambda p: p["train"].update(epochs=1, verbose=2))
+    """The committed params with overrides for a fast CPU run: a few hundred images, one epoch, two models; trained
+    with 1-pixel shifts, so that the challenger has five test-time views to distill, and any student exported."""
+
+    def tiny(params: dict) -> None:
+        params["train"].update(epochs=1, verbose=2, translate=1)
+        params["distill"].update(epochs=1, tolerance=100.0)
+
+    edit_params(repo, {"train": 500, "test": 200}, ZOO, tiny)
+
+
+def zoo_runs(runs: list) -> list:
+    """The MLflow runs of the zoo's models: the runs not nested in another (the distill stage nests its own in the
+    challenger's)."""
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
 
 
 def stage_env(shared_datasets: Path, bentoml_home: Path) -> dict:

@@ -9,7 +9,7 @@ from selenium.webdriver.common.by import By
 
 from benchmarks.local_server import ChildServer
 from tests.browser import chromium, screenshot, wait_for
-from tests.pipeline_fixtures import VENV_BIN, ZOO
+from tests.pipeline_fixtures import VENV_BIN, ZOO, zoo_runs
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,8 @@ def runs(pipeline):
     repo, *_ = pipeline
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("fashion-mnist")
-    return experiment.experiment_id, {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    found = zoo_runs(client.search_runs([experiment.experiment_id]))
+    return experiment.experiment_id, {r.info.run_name: r for r in found}
 
 
 @pytest.fixture

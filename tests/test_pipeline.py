@@ -6,11 +6,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
-from tests.pipeline_fixtures import VENV_BIN, ZOO, run
+from tests.pipeline_fixtures import VENV_BIN, ZOO, run, zoo_runs
+from training.checkpoint import load_trained
+from training.config import Params
+from training.data import Prepared
+from training.export import onnx_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +120,8 @@ def test_champion_is_the_best_on_validation_and_registered(pipeline):
     metrics = {m: json.loads((repo / f"metrics/{m}.json").read_text()) for m in ZOO}
     best = max(ZOO, key=lambda m: (metrics[m]["val_accuracy"], -metrics[m]["parameters"]))
     assert champion["model"] == best
-    assert champion["test_accuracy"] == metrics[best]["test_accuracy"]
+    distilled = json.loads((repo / "distill.json").read_text())  # the tiny params export the student
+    assert champion["test_accuracy"] == distilled["student_test_accuracy"] != metrics[best]["test_accuracy"]
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     version = client.get_model_version_by_alias("fashion-mnist-classifier", "champion")
     assert version.run_id == champion["run_id"]
@@ -145,6 +152,36 @@ print(json.dumps({
 """
 
 
+def test_the_challenger_distilled_to_one_view_is_exported_in_its_place(pipeline):
+    """The tiny params train with 1-pixel shifts (five views) and take any student (distill.tolerance 100): the
+    exported graph is the student's network run once per image, with the student's figures, and its MLflow run
+    sits inside the challenger's."""
+    repo, *_ = pipeline
+    distilled = json.loads((repo / "distill.json").read_text())
+    challenger = json.loads((repo / "challenger.json").read_text())
+    assert distilled["model"] == challenger["model"] and distilled["teacher_views"] == 5 and distilled["exported"]
+    assert [epoch["epoch"] for epoch in distilled["history"]] == [1]
+    exported = json.loads((repo / "export/export.json").read_text())
+    assert exported["test_time_augmentation"] == "none (distilled from 5 views)"
+    assert (exported["val_accuracy"], exported["test_accuracy"]) == (
+        distilled["student_val_accuracy"],
+        distilled["student_test_accuracy"],
+    )
+    params = Params.load(repo / "params.yaml")
+    card = json.loads((repo / "data/prepared/card.json").read_text())
+    student = load_trained(challenger["model"], params, card, repo / "distill/weights.pt")
+    images = Prepared.load(repo / "data/prepared/dataset.npz").images("test")
+    with torch.no_grad():
+        expected = student(torch.from_numpy(images)).numpy()
+    assert np.allclose(onnx_outputs(repo / "export/model.onnx", images)["logits"], expected, atol=1e-4)
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    run_ = client.get_run(distilled["run_id"])
+    assert run_.info.run_name == f"{challenger['model']}-distilled" and run_.info.status == "FINISHED"
+    assert run_.data.tags["mlflow.parentRunId"] == challenger["run_id"]
+    assert run_.data.params["distill.epochs"] == "1" and run_.data.metrics["exported"] == 1.0
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, "val_accuracy")] == [1]
+
+
 def test_the_registered_champion_has_a_signature_and_answers_as_served(pipeline):
     repo, env, _ = pipeline
     found = json.loads(run([str(VENV_BIN / "python"), "-c", PYFUNC], repo, env).strip().splitlines()[-1])
@@ -160,11 +197,13 @@ def test_one_mlflow_run_per_model_with_curves_metrics_and_artifacts(pipeline):
     repo, *_ = pipeline
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("fashion-mnist")
-    runs = client.search_runs([experiment.experiment_id])
+    every_run = client.search_runs([experiment.experiment_id])
+    runs = zoo_runs(every_run)
     assert sorted(r.info.run_name for r in runs) == sorted(ZOO)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     card = json.loads((repo / "data/prepared/card.json").read_text())
     champion = json.loads((repo / "champion.json").read_text())
+    assert [r.info.run_name for r in every_run if r not in runs] == [f"{champion['model']}-distilled"]
     for r in runs:
         assert r.info.status == "FINISHED"
         assert {"val_accuracy", "train_loss", "best_val_accuracy", "test_accuracy", "test_loss"} <= set(r.data.metrics)
@@ -203,7 +242,7 @@ def test_dvc_exp_run_in_a_temp_copy_logs_to_the_repo_store(pipeline):
     assert "Ran experiment(s): mnist-quick" in log
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == sorted(ZOO)
+    assert sorted(r.info.run_name for r in zoo_runs(runs)) == sorted(ZOO)
     assert {r.data.tags["dvc.experiment"] for r in runs} == {"mnist-quick"}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     # an experiment records the gate's decision and moves no alias (gate.experiment_mode: record)

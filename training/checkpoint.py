@@ -23,10 +23,10 @@ def new_model(name: str, params: Params, card: dict) -> torch.nn.Sequential:
     return build_model(params.model_entry(name), len(card["class_names"]), card["pixel_mean"], card["pixel_std"])
 
 
-def load_trained(name: str, params: Params, card: dict) -> torch.nn.Sequential:
-    """The zoo model `name` with its trained weights, in eval mode, on the CPU."""
+def load_trained(name: str, params: Params, card: dict, weights: Path | None = None) -> torch.nn.Sequential:
+    """The zoo model `name` with its trained weights (or those in `weights`), in eval mode, on the CPU."""
     model = new_model(name, params, card)
-    model.load_state_dict(torch.load(weights_path(name), map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(weights or weights_path(name), map_location="cpu", weights_only=True))
     return model.eval()
 
 

@@ -42,11 +42,15 @@ CHAMPION_FILE = Path("champion.json")  # the served model: the gate stage's deci
 OWN_DIR = Path("data/own")  # `data.dataset: folders`: the user's own dataset, as image folders
 EXTRA_DIR = Path("data/extra")  # image folders of extra training data (`data.extra`), feedback's among them
 FEEDBACK_DIR = EXTRA_DIR / "feedback"  # `make feedback-data`: labelled predictions of the prediction log
+DISTILL_DIR = Path("distill")  # the distill stage's student: the challenger distilled to one view
+DISTILL_WEIGHTS = DISTILL_DIR / "weights.pt"
+DISTILL_FILE = Path("distill.json")  # the distill stage's figures, and whether the export stage exports the student
 EXPORT_DIR = Path("export")
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+Points = Annotated[float, Field(ge=0, le=100)]  # percentage points of accuracy
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
 Init = Literal["he", "xavier", "zeros"]  # zeros makes every unit identical: the net cannot learn
 Optimizer = Literal["sgd", "sgd_momentum", "adagrad", "adam", "adamw"]
@@ -297,6 +301,17 @@ class TtaSettings(Group):
         return f"{' and '.join(kinds)}: {self.views} views" if kinds else "none"
 
 
+class DistillSettings(Group):
+    """The challenger fine-tuned to give its test-time views' answers from one view (its own training recipe,
+    without augmentation, from its trained weights), exported in its place when it is good enough."""
+
+    epochs: Count  # 0: off
+    lr: Annotated[float, Field(gt=0)]  # the one-cycle peak
+    temperature: Annotated[float, Field(gt=0)]
+    weight: Fraction  # the teacher's share of the loss; the rest is cross-entropy with the labels
+    tolerance: Points  # validation points the one-view student may lose against the challenger with its views
+
+
 class EvaluateSettings(Group):
     batch_size: PositiveInt
     misclassified: Count
@@ -322,7 +337,6 @@ class OodSettings(Group):
 
 
 GateMode = Literal["promote", "shadow", "record"]
-Points = Annotated[float, Field(ge=0, le=100)]
 Alpha = Annotated[float, Field(gt=0, lt=1)]
 
 
@@ -364,6 +378,7 @@ class Params(Group):
     models: dict[str, Architecture]
     distributed: DistributedSettings
     tta: TtaSettings
+    distill: DistillSettings
     evaluate: EvaluateSettings
     mlflow: MlflowSettings
     export: ExportSettings

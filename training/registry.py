@@ -78,12 +78,13 @@ def register_files(name: str, files: dict[str, Path], example: np.ndarray, tags:
 
 def version_tags(challenger: dict, exported: dict, files: dict[str, Path]) -> dict[str, str]:
     """What a version says about itself: enough to write champion.json, restore it into BentoML's store and
-    verify each of its files."""
+    verify each of its files. Its accuracies are those of the exported network (the challenger's, or its
+    distilled student's)."""
     return {
         "model": challenger["model"],
         "dataset": challenger["dataset"],
-        "val_accuracy": str(challenger["val_accuracy"]),
-        "test_accuracy": str(challenger["test_accuracy"]),
+        "val_accuracy": str(exported["val_accuracy"]),
+        "test_accuracy": str(exported["test_accuracy"]),
         "parameters": str(challenger["parameters"]),
         "bentoml_tag": exported["bentoml_tag"],
         "git_commit": exported.get("git_commit", "unknown"),

@@ -9,7 +9,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -34,6 +34,25 @@ class TrainResult:
     stopped_early: bool = False
     train_seconds: float = 0.0
     images_per_second: float = 0.0
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Soft targets: a teacher's logits for every training image (in the order of the training images),
+    matched at `temperature`; `weight` is that term's share of the loss, the rest cross-entropy with the labels."""
+
+    teacher_logits: torch.Tensor
+    temperature: float
+    weight: float
+
+    def loss(self, logits: torch.Tensor, teacher: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        """Hinton et al.'s blend: the KL divergence at the temperature, scaled by its square so that its gradients
+        keep their size whatever the temperature, and `hard`, the labels' cross-entropy."""
+        t = self.temperature
+        soft = F.kl_div(
+            F.log_softmax(logits / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="batchmean"
+        )
+        return self.weight * soft * t * t + (1 - self.weight) * hard
 
 
 def seed_everything(seed: int) -> None:
@@ -111,6 +130,7 @@ class _Loop:
     use_amp: bool
     verbosity: int
     distributed: Distributed
+    distillation: Distillation | None = None
 
     def run_epoch(self, x_train: torch.Tensor, y_train: torch.Tensor, title: str) -> tuple[float, float, int]:
         """One pass over a fresh shuffle: (summed loss, correct predictions, images), over every rank."""
@@ -133,6 +153,9 @@ class _Loop:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 logits = self.step_model(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                if self.distillation is not None:
+                    teacher = distributed.shard(self.distillation.teacher_logits[idx])
+                    loss = self.distillation.loss(logits.float(), teacher, loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -158,7 +181,13 @@ class _Loop:
         return val_loss, val_accuracy
 
 
-def _start(model: torch.nn.Module, n_images: int, config: TrainConfig, distributed: Distributed) -> _Loop:
+def _start(
+    model: torch.nn.Module,
+    n_images: int,
+    config: TrainConfig,
+    distributed: Distributed,
+    distillation: Distillation | None,
+) -> _Loop:
     """The model on its device and in its memory format, wrapped for DDP and compiled where asked."""
     device = resolve_device(config.device)
     if device.type == "cpu":
@@ -188,6 +217,9 @@ def _start(model: torch.nn.Module, n_images: int, config: TrainConfig, distribut
         use_amp=config.amp and bf16_is_fast(device),
         verbosity=_verbosity(config.verbose) if distributed.is_main else 0,
         distributed=distributed,
+        distillation=None
+        if distillation is None
+        else replace(distillation, teacher_logits=distillation.teacher_logits.to(device)),
     )
 
 
@@ -209,14 +241,16 @@ def train(
     on_epoch_end: Callable[[dict], None] | None = None,
     desc: str = "train",
     distributed: Distributed = SINGLE_PROCESS,
+    distillation: Distillation | None = None,
 ) -> TrainResult:
-    """Train on uint8 images; keep the weights of the epoch with the best validation accuracy.
+    """Train on uint8 images; keep the weights of the epoch with the best validation accuracy. With
+    `distillation`, the loss also matches a teacher's answers for each training image.
 
     The fast path on every device: the whole dataset stays on the device as uint8, each batch is
     indexed and augmented there in one go (no per-sample DataLoader), channels_last, bf16 autocast
     where it is native, and the host reads the running loss once per epoch, not once per step.
     """
-    loop = _start(model, len(x_train), config, distributed)
+    loop = _start(model, len(x_train), config, distributed, distillation)
     x_train, y_train = x_train.to(loop.device), y_train.to(loop.device).long()
     x_val, y_val = x_val.to(loop.device), y_val.long()
     result = TrainResult(model=model)
