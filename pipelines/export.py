@@ -2,13 +2,15 @@
 ONNX files, test-time augmentation, normalisation and metadata inside (uint8 pixels `[N,1,28,28]` in, logits and
 probabilities out): `model.onnx` (fp32, parity-checked against PyTorch on every test image) and `model.int8.onnx`
 (static QDQ quantization calibrated on training images, kept only if it passes the accuracy gate against fp32);
-both logged to the challenger's MLflow run and saved in the BentoML model store, for the gate stage to weigh."""
+saved in the BentoML model store and logged to the challenger's MLflow run in a folder of their own (a run
+exported again keeps each export's files), for the gate stage to weigh."""
 
 import logging
 
 from pipelines._stage import run
 from serving.files import read_json, write_json
 from serving.model_store import save_onnx
+from serving.registry import run_files
 from training import tracking
 from training.bundle import build_bundle
 from training.checkpoint import load_augmented, load_trained
@@ -63,9 +65,9 @@ def main() -> None:
         params.data.seed,
         params.evaluate.batch_size,
     )
-    tracking.setup(params.experiment_name)
-    tracking.log_export(challenger["run_id"], list(bundle.files.values()), bundle.figures)
     tag = save_onnx(bundle.files, params.bentoml_model_name)
+    tracking.setup(params.experiment_name)
+    tracking.log_export(challenger["run_id"], list(bundle.files.values()), run_files(tag), bundle.figures)
     ood = params.export.ood
     record = {
         "bentoml_tag": tag,

@@ -1,7 +1,8 @@
 """The MLflow Model Registry as the service reads it: which version an alias names, and that version's files.
 
 A registered version is the exported fp32 ONNX file (the mlflow.onnx model); its int8 twin and the monitoring
-reference are artifacts of the same run. Each version's tags name its BentoML tag and every file's sha256
+reference are artifacts of the same run, in a folder of their export's own (a run exported again, say after
+distillation, keeps every earlier export's files). Each version's tags name its BentoML tag and every file's sha256
 (the keys the BentoML store's metadata uses), so whoever downloads a file can tell it is the one exported.
 MLflow is imported on first use: a built bento serves without it unless it follows the registry.
 """
@@ -17,7 +18,12 @@ from serving.model_store import STORED_FILES
 CHAMPION = "champion"  # the alias the service serves, as params.yaml's mlflow.alias names it by default
 CHALLENGER = "challenger"  # a version tried on live traffic beside the champion (shadow), not yet served
 PREVIOUS = "previous"  # the champion before the last promotion: what `make rollback` returns to
-RUN_FILES = "onnx"  # where in its run the int8 file and the monitoring reference are (the export stage logs them)
+RUN_FILES = "onnx"  # where in its run each export's files are, one folder per export (the export stage logs them)
+
+
+def run_files(bentoml_tag: str) -> str:
+    """The folder of a run's artifacts that holds one export's files: named by the export's BentoML version."""
+    return f"{RUN_FILES}/{bentoml_tag.split(':')[-1]}"
 
 
 class RegistryError(RuntimeError):
@@ -80,7 +86,9 @@ def download(name: str, version: Version, roles: tuple[str, ...], folder: Path) 
                 files[role] = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(folder / role))) / file
             else:
                 path = mlflow.artifacts.download_artifacts(
-                    run_id=version.run_id, artifact_path=f"{RUN_FILES}/{file}", dst_path=str(folder / role)
+                    run_id=version.run_id,
+                    artifact_path=f"{run_files(version.bentoml_tag)}/{file}",
+                    dst_path=str(folder / role),
                 )
                 files[role] = Path(path)
         except (MlflowException, OSError) as exc:

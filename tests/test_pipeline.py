@@ -38,8 +38,9 @@ def test_export_writes_onnx_to_mlflow_and_the_bentoml_store(pipeline):
     for precision in ("fp32", "int8"):
         assert 0.5 < ood[precision]["auroc"] <= 1 and ood[precision]["validation_flagged"] <= 0.1
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    logged = {a.path for a in client.list_artifacts(champion["run_id"], "onnx")}
-    assert logged == {"onnx/model.onnx", "onnx/model.int8.onnx", "onnx/reference.npz"}
+    folder = f"onnx/{version}"  # the export's own folder in the run
+    logged = {a.path for a in client.list_artifacts(champion["run_id"], folder)}
+    assert logged == {f"{folder}/model.onnx", f"{folder}/model.int8.onnx", f"{folder}/reference.npz"}
     metrics = client.get_run(champion["run_id"]).data.metrics
     assert metrics["int8_gate.int8_argmax_agreement"] == pytest.approx(gate["int8_argmax_agreement"])
     assert metrics["ood.int8.auroc"] == pytest.approx(ood["int8"]["auroc"])
@@ -62,6 +63,27 @@ def test_an_int8_model_outside_the_gate_fails_the_export_stage(pipeline, tmp_pat
         r"the int8 model fails the gate on 200 test images: accuracy \S+ against fp32", done.stderr + done.stdout
     )
     assert not (copy / "export/model.int8.onnx").exists()
+
+
+def test_a_run_exported_again_keeps_the_files_its_registered_version_holds(pipeline, tmp_path):
+    """The challenger's run exported again (another student: distill.temperature changed) logs its files beside
+    the first export's, so the registered champion's files still download and match their checksums when the
+    gate weighs the new export against them (in a copy logging to the same artifact store)."""
+    repo, env, _ = pipeline
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["distill"]["temperature"] = 4.0
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = run([str(VENV_BIN / "dvc"), "repro", "gate"], copy, env)
+    assert "Running stage 'distill'" in log and "Running stage 'gate'" in log
+    first, again = (json.loads((root / "export/export.json").read_text()) for root in (repo, copy))
+    assert again["bentoml_tag"] != first["bentoml_tag"]
+    gate = json.loads((copy / "champion.json").read_text())["gate"]
+    assert gate["champion"]["version"] == 1 and gate["champion"]["accuracy"]  # downloaded, verified and scored
+    client = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    folders = {a.path for a in client.list_artifacts(first["mlflow_run_id"], "onnx")}
+    assert folders == {f"onnx/{record['bentoml_tag'].split(':')[1]}" for record in (first, again)}
 
 
 def test_repro_writes_every_output(pipeline):

@@ -167,8 +167,9 @@ def test_the_tiny_pipeline_logs_everything_to_the_server_as_its_admin(team_serve
 
         champion = client.get_model_version_by_alias("fashion-mnist-classifier", "champion")
         assert champion.run_id in {r.info.run_id for r in runs.values()}
-        exported = {a.path for a in client.list_artifacts(champion.run_id, "onnx")}
-        assert exported == {"onnx/model.onnx", "onnx/model.int8.onnx", "onnx/reference.npz"}  # the export stage's
+        folder = f"onnx/{champion.tags['bentoml_tag'].split(':')[1]}"  # the export stage's, in a folder of its own
+        exported = {a.path for a in client.list_artifacts(champion.run_id, folder)}
+        assert exported == {f"{folder}/model.onnx", f"{folder}/model.int8.onnx", f"{folder}/reference.npz"}
         assert "int8_gate.int8_argmax_agreement" in client.get_run(champion.run_id).data.metrics
 
     database = team_server["database"]

@@ -12,7 +12,17 @@ import numpy as np
 
 from serving.files import sha256_file
 from serving.model_store import STORED_FILES
-from serving.registry import CHALLENGER, CHAMPION, PREVIOUS, RUN_FILES, Version, by_alias, download, version_of
+from serving.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    RUN_FILES,
+    Version,
+    by_alias,
+    download,
+    run_files,
+    version_of,
+)
 from training import tracking
 from training.errors import PipelineError
 
@@ -72,7 +82,7 @@ def register_files(name: str, files: dict[str, Path], example: np.ndarray, tags:
     with tracking.start_run() as run:
         for role in ("int8", "reference"):
             if role in files:
-                mlflow.log_artifact(str(files[role]), RUN_FILES)
+                mlflow.log_artifact(str(files[role]), run_files(tags["bentoml_tag"]))
     return register(name, run.info.run_id, files["fp32"], example, tags)
 
 

@@ -157,12 +157,13 @@ def log_report(run_id: str, report_file: Path, figures_dir: Path) -> None:
     client.log_artifacts(run_id, str(figures_dir), f"pipeline_report/{figures_dir.name}")
 
 
-def log_export(run_id: str, files: list[Path], figures: dict[str, dict]) -> None:
-    """The exported files (fp32 and int8 ONNX, the monitoring reference) and the export's figures (parity, the
-    int8 gate, the out-of-distribution score per file), in the champion's run: `{group}.{name}` metrics."""
+def log_export(run_id: str, files: list[Path], folder: str, figures: dict[str, dict]) -> None:
+    """The exported files (fp32 and int8 ONNX, the monitoring reference) in `folder` of the challenger's run, and
+    the export's figures (parity, the int8 gate, the out-of-distribution score per file): `{group}.{name}`
+    metrics."""
     with start_run(run_id=run_id):
         for path in files:
-            mlflow.log_artifact(str(path), artifact_path="onnx")
+            mlflow.log_artifact(str(path), artifact_path=folder)
         mlflow.log_metrics(
             {f"{group}.{k}": float(v) for group, values in figures.items() for k, v in flatten(values).items()}
         )
