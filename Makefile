@@ -165,7 +165,8 @@ bench-headers: setup
 bench-profile: setup
 	$(BIN)/python -m benchmarks.profile
 
-# The champion re-exported with each set of test-time views (1, 2, 5, 10): served accuracy and requests/s.
+# The challenger re-exported with each set of test-time views (1, 2, 5, 10) beside the distilled one-view file:
+# served accuracy and requests/s.
 bench-views: setup
 	$(BIN)/python -m benchmarks.views
 
