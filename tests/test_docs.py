@@ -49,7 +49,7 @@ def test_every_results_file_measured_the_champion(committed):
 
 
 def test_an_altered_figure_is_caught(tmp_path: Path):
-    for rel in (*DOCUMENTS, "champion.json", "export/export.json", "dvc.yaml", "params.yaml"):
+    for rel in (*DOCUMENTS, "champion.json", "distill.json", "export/export.json", "dvc.yaml", "params.yaml"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, tmp_path / rel)
     for folder in ("metrics", "benchmarks/results", "pipelines"):
