@@ -21,6 +21,7 @@ COMMITTED_AFTER_A_RUN = (
     "params.yaml",
     "dvc.lock",
     "challenger.json",
+    "distill.json",
     "champion.json",
     "export/export.json",
     "metrics",
