@@ -110,21 +110,18 @@ def main() -> None:
     base = str(max(sets))  # the challenger with all its views: what the ratios are to
     student = read_json(DISTILL_FILE)["exported"]  # the export stage exported the one-view student
     served_key = DISTILLED if student else base
-    tags, gates, describe = {served_key: record["bentoml_tag"]}, {served_key: record["int8_gate"]}, {}
+    tags, gates = {served_key: record["bentoml_tag"]}, {served_key: record["int8_gate"]}
+    describe = {str(views): tta.describe() for views, tta in sets.items()} | {
+        DISTILLED: record["test_time_augmentation"]
+    }
     made: list[str] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         folder = Path(tmp)
         try:
             data = Prepared.load(DATASET_FILE)
-            for views, tta in progress(list(sets.items()), desc="exporting"):
-                describe[str(views)] = tta.describe()
-                if str(views) not in tags:
-                    tags[str(views)], gates[str(views)] = export_views(
-                        tta, params, challenger, data, folder / str(views)
-                    )
-                    made.append(tags[str(views)])
-            if student:
-                describe[DISTILLED] = record["test_time_augmentation"]
+            for views, tta in progress([(v, t) for v, t in sets.items() if str(v) not in tags], desc="exporting"):
+                tags[str(views)], gates[str(views)] = export_views(tta, params, challenger, data, folder / str(views))
+                made.append(tags[str(views)])
             np.save(folder / "images.npy", payload_images())
             servers = {
                 key: stack.enter_context(
