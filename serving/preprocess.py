@@ -54,6 +54,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def to_grey(image: Image.Image) -> np.ndarray:
     """Grey uint8 pixels; transparent areas count as white background."""
+    if image.mode == "L":
+        return np.asarray(image)  # converting would copy it
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -87,7 +89,7 @@ def to_model_input(image: Image.Image, size: int, fit: int) -> np.ndarray:
     """An opened upload, decoded, to the uint8 array [1, size, size] the model takes. First of all it is turned
     the way its EXIF orientation says: a phone stores a portrait photo's pixels sideways and sets that tag."""
     with _as_image_errors():
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
         pixels = dark_background(to_grey(image))
     if pixels.shape != (size, size):
         pixels = fit_and_centre(pixels, size, fit)
