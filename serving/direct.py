@@ -9,6 +9,7 @@ answer it in full, errors and all; both paths call the same service methods, so 
 
 from __future__ import annotations
 
+import functools
 import time
 
 import bentoml
@@ -77,6 +78,7 @@ async def read_body(receive) -> bytes | None:
             return b"".join(chunks)
 
 
+@functools.lru_cache(maxsize=256)  # a client sends the same header with every request
 def multipart_boundary(content_type: bytes) -> bytes | None:
     media, options = parse_options_header(content_type)
     return options.get(b"boundary") if media == b"multipart/form-data" else None
@@ -99,10 +101,16 @@ def single_file(body: bytes, boundary: bytes, field: bytes) -> bytes | None:
     ]
     if len(dispositions) != 1:
         return None
-    kind, options = parse_options_header(dispositions[0].strip())
-    if kind != b"form-data" or options.get(b"name") != field or b"filename" not in options:
+    if not file_in_field(dispositions[0].strip(), field):
         return None
     return body[headers_end + 4 : end]
+
+
+@functools.lru_cache(maxsize=256)  # likewise: the same file name in every request of a client
+def file_in_field(disposition: bytes, field: bytes) -> bool:
+    """Whether a part's Content-Disposition is that of a file upload in `field`."""
+    kind, options = parse_options_header(disposition)
+    return kind == b"form-data" and options.get(b"name") == field and b"filename" in options
 
 
 async def send_json(send, content, status: int, headers: dict[str, str]) -> None:

@@ -44,9 +44,8 @@ SHADOW_FAILURES = Counter("serving_shadow_failures", "batches the challenger fai
 def count_predictions(class_names: list[str], labels: np.ndarray, confidence: np.ndarray, flagged: np.ndarray) -> None:
     """One batch's answers in the counters: a few calls per class, not one per image."""
     for ood in (False, True):
-        chosen = labels[flagged == ood]
-        if len(chosen):
-            for label, count in zip(*np.unique(chosen, return_counts=True), strict=True):
-                PREDICTIONS.labels(class_names[label], str(ood).lower()).inc(int(count))
+        counts = np.bincount(labels[flagged == ood], minlength=len(class_names))
+        for label in np.flatnonzero(counts).tolist():
+            PREDICTIONS.labels(class_names[label], str(ood).lower()).inc(int(counts[label]))
     for value in confidence.tolist():
         CONFIDENCE.observe(value)

@@ -120,11 +120,10 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
         images = input_images(header, binary, service.input_name, tuple(service.image_shape), limit)
         outputs = [requested_output(o) for o in header.get("outputs") or [{"name": o} for o in OUTPUTS]]
         served = await service.predict_images(images, "/v2/infer", started)
-        columns, rows = served.model.classifier.columns, served.rows
         values = {
-            "logits": columns.logits(rows),
-            "probabilities": columns.probabilities(rows),
-            "ood_score": columns.ood_score(rows),
+            "logits": served.model.classifier.columns.logits(served.rows),
+            "probabilities": served.probabilities,
+            "ood_score": served.scores,
             "out_of_distribution": served.flagged,
             "prediction_id": served.ids,
         }

@@ -246,16 +246,16 @@ class Classifier:
             shadow = self.follower.shadow if self.follower is not None else None
             if shadow is not None:
                 shadow.offer(ids, route, images)
-        return Served(model, rows, ids, flagged)
+        return Served(model, rows, probabilities, scores, ids, flagged)
 
     async def answer(self, images: np.ndarray, route: str, started: float, details: bool = False) -> list[dict]:
         """One Prediction per model input [N,1,28,28], batched with concurrent requests, counted and logged; with
         `details`, every class's probability too."""
         served = await self.predict_images(images, route, started)
-        columns = served.model.classifier.columns
-        probabilities, scores = columns.probabilities(served.rows), columns.ood_score(served.rows)
-        top = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.settings.top_k]  # ties: argmax's class
-        top_p = np.take_along_axis(probabilities, top, axis=1).tolist()
+        probabilities = served.probabilities.tolist()
+        # the classes by probability, ties in argmax's order
+        top = np.argsort(-served.probabilities, axis=1, kind="stable")[:, : self.settings.top_k].tolist()
+        top_p = [[row[i] for i in labels] for row, labels in zip(probabilities, top, strict=True)]
         names, version = self.class_names, served.model.version
         answers = [
             {
@@ -269,11 +269,11 @@ class Classifier:
                 "model_version": version,
             }
             for prediction_id, labels, p, score, ood in zip(
-                served.ids, top.tolist(), top_p, scores.tolist(), served.flagged.tolist(), strict=True
+                served.ids, top, top_p, served.scores.tolist(), served.flagged.tolist(), strict=True
             )
         ]
         if details:
-            for answer, row in zip(answers, probabilities.tolist(), strict=True):
+            for answer, row in zip(answers, probabilities, strict=True):
                 answer["probabilities"] = [{"class_name": n, "probability": q} for n, q in zip(names, row, strict=True)]
         return answers
 
@@ -305,11 +305,13 @@ class Classifier:
 
 @dataclass(frozen=True)
 class Served:
-    """A request's images as the batcher answered them: the model, its output rows, the prediction ids, the
-    out-of-distribution flags."""
+    """A request's images as the batcher answered them: the model, its output rows and, taken from them, each
+    image's class probabilities and out-of-distribution score; the prediction ids; the out-of-distribution flags."""
 
     model: ServedModel
     rows: np.ndarray
+    probabilities: np.ndarray
+    scores: np.ndarray
     ids: list[str]
     flagged: np.ndarray
 
