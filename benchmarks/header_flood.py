@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.local_server import REPO, ChildServer, LocalServer
+from benchmarks.local_server import REPO, ChildServer, benchmarked_service
 from benchmarks.publish import publish, served_model
 from benchmarks.serving import payload_images
 
@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     payload_images()  # exits, naming `make run`, where there is no champion to serve
     with tempfile.TemporaryDirectory() as tmp:
-        server = LocalServer("serving.service:Classifier", Path(tmp) / "server.log").wait_ready()
+        server = benchmarked_service(Path(tmp) / "server.log")
         try:
             served = served_model(server.url)
             time.sleep(2)

@@ -113,3 +113,11 @@ class LocalServer(ChildServer):
             cwd=cwd,
             env=env,
         )
+
+
+def benchmarked_service(log_path: Path, **env: str) -> LocalServer:
+    """The service as `make serve` runs it, ready, its prediction log in a folder of its own beside `log_path`:
+    a benchmark's traffic stays out of the workspace's log (what `make monitor` reads), and every run starts
+    from an empty one."""
+    env.setdefault("SERVING_PREDICTION_LOG_DIR", str(log_path.with_name(f"{log_path.stem}-predictions")))
+    return LocalServer("serving.service:Classifier", log_path, **env).wait_ready()

@@ -18,7 +18,7 @@ import numpy as np
 import requests
 from PIL import ExifTags, Image
 
-from benchmarks.local_server import REPO, LocalServer
+from benchmarks.local_server import REPO, benchmarked_service
 from benchmarks.publish import publish, served_model
 from benchmarks.serving import DATASET, payload_images
 
@@ -64,7 +64,7 @@ def main() -> None:
     with np.load(DATASET) as data:
         truth = data["y_test"][: args.images]
     with tempfile.TemporaryDirectory() as tmp:
-        server = LocalServer("serving.service:Classifier", Path(tmp) / "server.log").wait_ready()
+        server = benchmarked_service(Path(tmp) / "server.log")
         try:
             model = requests.get(f"{server.url}/model", timeout=10).json()
             served = served_model(server.url)

@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 
 from benchmarks import frameworks
-from benchmarks.local_server import REPO, LocalServer
+from benchmarks.local_server import REPO, LocalServer, benchmarked_service
 from benchmarks.publish import publish, served_model
 from benchmarks.serving import loadgen, payload_images
 
@@ -147,7 +147,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         np.save(folder / "images.npy", payload_images())
-        with LocalServer("serving.service:Classifier", folder / "server.log").wait_ready() as server:
+        with benchmarked_service(folder / "server.log") as server:
             # warm-up, not reported: the first requests, and the imports of the threads the workers start
             loadgen(server.url, "png", folder / "images.npy", 16, 10**9, 20)
             levels = [

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.local_server import REPO, LocalServer
+from benchmarks.local_server import REPO, benchmarked_service
 from benchmarks.publish import publish, served_model
 from benchmarks.serving import loadgen, median_of, payload_images
 from serving.settings import ServingSettings
@@ -63,7 +63,7 @@ def main() -> None:
         np.save(payloads, images)
         for config in progress(configurations(), desc="settings", unit="server"):
             env = {name: str(value) for name, value in config.items()}
-            server = LocalServer("serving.service:Classifier", Path(tmp) / "server.log", **env).wait_ready()
+            server = benchmarked_service(Path(tmp) / "server.log", **env)
             try:
                 served = served_model(server.url)
                 loadgen(server.url, "png", payloads, 16, 500, 5)  # warm-up, not reported

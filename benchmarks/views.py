@@ -19,7 +19,7 @@ from pathlib import Path
 import bentoml
 import numpy as np
 
-from benchmarks.local_server import REPO, LocalServer
+from benchmarks.local_server import REPO, benchmarked_service
 from benchmarks.publish import publish, served_model
 from benchmarks.serving import (
     DATASET,
@@ -124,9 +124,7 @@ def main() -> None:
                 made.append(tags[str(views)])
             np.save(folder / "images.npy", payload_images())
             servers = {
-                key: stack.enter_context(
-                    LocalServer("serving.service:Classifier", folder / f"{key}.log", BENTO_MODEL_TAG=tag).wait_ready()
-                )
+                key: stack.enter_context(benchmarked_service(folder / f"{key}.log", BENTO_MODEL_TAG=tag))
                 for key, tag in tags.items()
             }
             targets = [t for key, s in servers.items() for t in targets_of(key, s)]
