@@ -293,8 +293,9 @@ LEGEND = {
 def table(results: dict) -> str:
     servers, model, concurrency = results["servers"], results["model"], results["concurrency"]
     lines = [
-        f"Model: {model['name']} ({model['test_time_augmentation']}), served as {model['served_precision']} on "
-        f"{model['execution_provider']}; {results['machine']['workers']} workers (or instances) per server, "
+        f"Model: {model['name']}, test-time views: {model['test_time_augmentation']}; served as "
+        f"{model['served_precision']} on {model['execution_provider']}; "
+        f"{results['machine']['workers']} workers (or instances) per server, "
         f"{results['machine']['threads']} onnxruntime thread(s) each; medians of {results['repeats']} runs.",
         "",
         "| server | what it is |",
