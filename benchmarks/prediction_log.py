@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from benchmarks.local_server import REPO, LocalServer
+from benchmarks.local_server import REPO, LocalServer, benchmarked_service
 from benchmarks.publish import publish, served_model
 from benchmarks.serving import loadgen, median_of, payload_images
 from serving.prediction_log import read_predictions
@@ -25,7 +25,7 @@ DROPPED = "serving_prediction_log_dropped_total"
 
 
 def serve(folder: Path, name: str, **env: str) -> LocalServer:
-    return LocalServer("serving.service:Classifier", folder / f"{name}.log", **env).wait_ready()
+    return benchmarked_service(folder / f"{name}.log", **env)
 
 
 def answered(run: dict) -> int:

@@ -290,6 +290,10 @@ LEGEND = {
 }
 
 
+def clients_named(clients: str) -> str:
+    return f"{clients} client{'' if clients == '1' else 's'}"
+
+
 def table(results: dict) -> str:
     servers, model, concurrency = results["servers"], results["model"], results["concurrency"]
     lines = [
@@ -334,7 +338,7 @@ def table(results: dict) -> str:
     lines += ["", "| bulk: 256 images per request | images/s | p99 ms | errors |", "|---|---:|---:|---:|"]
     for name, measured in servers.items():
         for clients, b in measured.get("bulk", {}).items():
-            who = f"{name}, {clients} client{'s' if clients != '1' else ''}"
+            who = f"{name}, {clients_named(clients)}"
             lines.append(f"| {who} | {b['images_per_s']:.0f} | {b['p99_ms']:.1f} | {b['errors']} |")
     for raw in results["raw_onnxruntime"].values():
         p = raw["precision"]
@@ -346,8 +350,7 @@ def table(results: dict) -> str:
     lines.append("")
     if "bulk_vs_raw" in results:
         ratios = ", ".join(
-            f"{ratio:.2f} at {clients} client{'s' if clients != '1' else ''}"
-            for clients, ratio in results["bulk_vs_raw"].items()
+            f"{ratio:.2f} at {clients_named(clients)}" for clients, ratio in results["bulk_vs_raw"].items()
         )
         lines.append(f"bulk, ours / raw onnxruntime {model['served_precision']} with JSON decoding: {ratios}")
     if "soak" in results:

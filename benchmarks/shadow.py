@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 import requests
 
-from benchmarks.local_server import REPO, LocalServer
+from benchmarks.local_server import REPO, benchmarked_service
 from benchmarks.prediction_log import answered
 from benchmarks.publish import publish, served_model
 from benchmarks.serving import loadgen, median_of, payload_images
@@ -86,8 +86,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for mode in MODES if repeat % 2 == 0 else MODES[::-1]:
                 log_dir = folder / f"log-{mode}-{repeat}"
-                server = LocalServer(
-                    "serving.service:Classifier",
+                server = benchmarked_service(
                     folder / f"{mode}-{repeat}.log",
                     BENTO_MODEL_TAG=tag,
                     SERVING_FOLLOW_REGISTRY="true",
@@ -95,7 +94,7 @@ def main() -> None:
                     MLFLOW_TRACKING_URI=uri,
                     SERVING_SHADOW_SHARE="100" if mode == "on" else "0",
                     SERVING_PREDICTION_LOG_DIR=str(log_dir),
-                ).wait_ready()
+                )
                 try:
                     if mode == "on":
                         shadow_ready(server.url)

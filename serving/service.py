@@ -246,15 +246,16 @@ class Classifier:
             shadow = self.follower.shadow if self.follower is not None else None
             if shadow is not None:
                 shadow.offer(ids, route, images)
-        return Served(model, rows, probabilities, scores, ids, flagged)
+        return Served(model, rows, ids, flagged)
 
     async def answer(self, images: np.ndarray, route: str, started: float, details: bool = False) -> list[dict]:
         """One Prediction per model input [N,1,28,28], batched with concurrent requests, counted and logged; with
         `details`, every class's probability too."""
         served = await self.predict_images(images, route, started)
-        probabilities = served.probabilities.tolist()
+        probabilities = served.probabilities
         # the classes by probability, ties in argmax's order
-        top = np.argsort(-served.probabilities, axis=1, kind="stable")[:, : self.settings.top_k].tolist()
+        top = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.settings.top_k].tolist()
+        probabilities = probabilities.tolist()
         top_p = [[row[i] for i in labels] for row, labels in zip(probabilities, top, strict=True)]
         names, version = self.class_names, served.model.version
         answers = [
@@ -305,15 +306,21 @@ class Classifier:
 
 @dataclass(frozen=True)
 class Served:
-    """A request's images as the batcher answered them: the model, its output rows and, taken from them, each
-    image's class probabilities and out-of-distribution score; the prediction ids; the out-of-distribution flags."""
+    """A request's images as the batcher answered them: the model, its output rows, the prediction ids, the
+    out-of-distribution flags."""
 
     model: ServedModel
     rows: np.ndarray
-    probabilities: np.ndarray
-    scores: np.ndarray
     ids: list[str]
     flagged: np.ndarray
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self.model.classifier.columns.probabilities(self.rows)
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.model.classifier.columns.ood_score(self.rows)
 
 
 # bentoml.service returns a Service, which its type hints present as the class; the first middleware added is
