@@ -36,9 +36,21 @@ include serving/telemetry.env
 export $(shell sed -n 's/^\([A-Z_]*\) ?=.*/\1/p' serving/telemetry.env)
 HOST ?= 127.0.0.1
 PORT ?= 3000
+# The team's object store (`make storage`, common/storage.py): where its credentials file exists, every target
+# here uses the bucket it names (the DVC remote `storage`, MLflow's artifacts); `STORAGE_ENV=`
+# (empty) for the local folders, `STORAGE_ENV=<file>` for a copy of another host's.
+STORAGE_DIR ?= .storage
+STORAGE_HOST ?= 127.0.0.1
+STORAGE_PORT ?= 8333
+STORAGE_ENV ?= $(STORAGE_DIR)/credentials.env
+ifneq ($(wildcard $(STORAGE_ENV)),)
+include $(STORAGE_ENV)
+export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_ENDPOINT_URL AWS_REGION STORAGE_URL
+endif
+DVC_REMOTE ?= $(if $(STORAGE_URL),storage)
 UI_PORT ?= 5000
 
-.PHONY: setup requirements audit test-tools run run-full push pull lint test test-fast ui mlflow-server serve monitor feedback-data retrain promote rollback doctor bench \
+.PHONY: setup requirements audit test-tools run run-full storage push pull lint test test-fast ui mlflow-server serve monitor feedback-data retrain promote rollback doctor bench \
 	bench-sweep bench-train bench-photos bench-headers bench-profile bench-views docs clean
 
 setup: $(VENV)/.installed
@@ -71,13 +83,18 @@ run: setup
 run-full: setup
 	$(BIN)/dvc exp run $$($(BIN)/python -m pipelines.preset full)
 
-# What a run made (data, models, the export) to and from the team's DVC remote `shared` (.dvc/config): after
-# `make pull`, `make serve` answers with no training.
+# SeaweedFS's S3 API on $(STORAGE_HOST):$(STORAGE_PORT) (0.0.0.0: every interface), its data and credentials in
+# $(STORAGE_DIR).
+storage: setup
+	$(BIN)/python -m common.storage --dir $(STORAGE_DIR) --host $(STORAGE_HOST) --port $(STORAGE_PORT)
+
+# What a run made (data, models, the export) to and from the team's DVC remote (.dvc/config): `shared`, a folder,
+# or `storage`, the bucket, where its credentials are set. After `make pull`, `make serve` answers with no training.
 push: setup
-	$(BIN)/dvc push
+	$(BIN)/dvc push $(if $(DVC_REMOTE),--remote $(DVC_REMOTE))
 
 pull: setup
-	$(BIN)/dvc pull
+	$(BIN)/dvc pull $(if $(DVC_REMOTE),--remote $(DVC_REMOTE))
 
 # Debian's Chromium, ChromeDriver and Prometheus for the browser and monitoring tests (skipped, saying why,
 # where they can't be installed).
@@ -104,8 +121,8 @@ test-fast: setup
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --host $(HOST) --port $(UI_PORT)
 
-# MLflow for a team: a tracking server on PostgreSQL with proxied artifacts (training/tracking_server.py);
-# every clone logs to it with MLFLOW_TRACKING_URI=http://<host>:5000.
+# MLflow for a team: a tracking server on PostgreSQL with proxied artifacts, in the bucket where storage is set
+# (training/tracking_server.py); every clone logs to it with MLFLOW_TRACKING_URI=http://<host>:5000.
 mlflow-server: setup
 	$(BIN)/python -m training.tracking_server --host $(HOST)
 

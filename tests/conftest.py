@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# A clone's team store (`make storage`; the Makefile exports its settings) is not the tests': those that use a
+# bucket start one of their own.
+for _name in ("STORAGE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"):
+    os.environ.pop(_name, None)
 SHARED_DATASETS = Path(os.environ.get("SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
 
 
@@ -71,6 +75,16 @@ def require_shared_datasets() -> Path:
 @pytest.fixture
 def shared_datasets() -> Path:
     return require_shared_datasets()
+
+
+@pytest.fixture(scope="session")
+def storage(tmp_path_factory):
+    """The team's object store (`make storage`'s command) in a temp folder, for every test that uses a bucket."""
+    from tests.storage_fixtures import start_storage
+
+    store = start_storage(tmp_path_factory.mktemp("storage"))
+    yield store
+    store.close()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,18 @@ from tests.conftest import REPO
 
 VENV_BIN = Path(sys.executable).parent
 ZOO = ["mlp_relu_10", "cnn_basic"]
+# what git holds after a run: the lock, and the outputs DVC leaves to git (`cache: false`)
+COMMITTED_AFTER_A_RUN = (
+    "params.yaml",
+    "dvc.lock",
+    "challenger.json",
+    "distill.json",
+    "champion.json",
+    "export/export.json",
+    "metrics",
+    "plots",
+    "reports",
+)
 
 
 def edit_params(repo: Path, subset: dict, zoo: list[str], edit: Callable[[dict], None]) -> None:
@@ -27,6 +40,20 @@ def edit_params(repo: Path, subset: dict, zoo: list[str], edit: Callable[[dict],
     params["export"]["int8"].update(max_accuracy_drop=0.03, min_agreement=0.95)
     edit(params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def clone_of_a_run(repo: Path, dest: Path) -> Path:
+    """A fresh clone of `repo` after its run was committed: the repo's files and what git holds of the run."""
+    from tests.conftest import copy_repo
+
+    clone = copy_repo(dest)
+    for path in COMMITTED_AFTER_A_RUN:
+        (clone / path).parent.mkdir(parents=True, exist_ok=True)
+        if (repo / path).is_dir():
+            shutil.copytree(repo / path, clone / path)
+        else:
+            shutil.copy2(repo / path, clone / path)
+    return clone
 
 
 def tiny_params(repo: Path) -> None:

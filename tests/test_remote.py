@@ -3,7 +3,6 @@ serves that model with no training; a clone with nothing trained says so in one 
 
 import json
 import re
-import shutil
 
 import numpy as np
 import onnxruntime as ort
@@ -11,23 +10,10 @@ import pytest
 import requests
 
 from benchmarks.local_server import LocalServer
-from tests.conftest import copy_repo
-from tests.pipeline_fixtures import VENV_BIN, run
+from tests.pipeline_fixtures import VENV_BIN, clone_of_a_run, run
 
 pytestmark = pytest.mark.slow
 DVC = str(VENV_BIN / "dvc")
-# what git holds after a run: the lock, and the outputs DVC leaves to git (`cache: false`)
-COMMITTED_AFTER_A_RUN = (
-    "params.yaml",
-    "dvc.lock",
-    "challenger.json",
-    "distill.json",
-    "champion.json",
-    "export/export.json",
-    "metrics",
-    "plots",
-    "reports",
-)
 
 
 def test_a_fresh_clone_serves_what_another_pushed_without_training(pipeline, tmp_path):
@@ -37,13 +23,7 @@ def test_a_fresh_clone_serves_what_another_pushed_without_training(pipeline, tmp
     run([DVC, "commit", "--force"], repo, env)  # the lock as the team commits it (other tests re-ran stages here)
     run([DVC, "push"], repo, env)
 
-    clone = copy_repo(tmp_path / "clone")
-    for path in COMMITTED_AFTER_A_RUN:
-        (clone / path).parent.mkdir(parents=True, exist_ok=True)
-        if (repo / path).is_dir():
-            shutil.copytree(repo / path, clone / path)
-        else:
-            shutil.copy2(repo / path, clone / path)
+    clone = clone_of_a_run(repo, tmp_path / "clone")
     store = {"BENTOML_HOME": str(tmp_path / "bentoml"), "SERVING_PRECISION": "fp32"}  # a new machine's empty store
 
     untrained = LocalServer("serving.service:Classifier", tmp_path / "untrained.log", cwd=clone, **store)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_PACKAGES = ("training", "serving", "pipelines")
+PROJECT_PACKAGES = ("common", "training", "serving", "pipelines")
 
 
 def module_file(module: str) -> Path | None:

@@ -1,6 +1,7 @@
 """MLflow at team scale: `make mlflow-server`'s tracking server, with MLflow's authentication, on a real
 PostgreSQL (Debian's, installed where missing and started on loopback) that needs its generated password, with
-proxied artifacts, and the tiny `dvc repro` logging to it as the admin."""
+proxied artifacts in the team's bucket (SeaweedFS, as `make storage` runs it), and the tiny `dvc repro` logging
+to it as the admin."""
 
 import json
 import shutil
@@ -13,6 +14,7 @@ import requests
 from mlflow import MlflowClient
 
 from benchmarks.local_server import ChildServer, free_port
+from common.private_files import read_private
 from tests.conftest import copy_repo
 from tests.pipeline_fixtures import VENV_BIN, ZOO, run, stage_env, tiny_params, zoo_runs
 from training.errors import PipelineError
@@ -20,7 +22,7 @@ from training.tracking_server import (
     ADMIN,
     AUTH_DATABASE,
     LocalPostgres,
-    read_private,
+    artifacts_destination,
     secret_files,
     server_command,
     server_env,
@@ -36,9 +38,10 @@ def without_timings(metrics: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def team_server(tmp_path_factory):
+def team_server(tmp_path_factory, storage):
     """A PostgreSQL cluster of its own (in a folder the postgres user can reach), the server's home with its
-    secrets, and `mlflow server` with authentication on them, as `make mlflow-server` starts it."""
+    secrets, and `mlflow server` with authentication on them and its artifacts in the bucket, as `make
+    mlflow-server` starts it where `make storage` runs."""
     data_dir = Path(tempfile.mkdtemp(prefix="mlflow-postgres-"))
     home = tmp_path_factory.mktemp("mlflow-home")
     try:
@@ -49,8 +52,9 @@ def team_server(tmp_path_factory):
     env, made = server_env(home, database.uri(AUTH_DATABASE))
     assert made  # the first start makes the admin's password
     folder = tmp_path_factory.mktemp("mlflow-server")
-    command = server_command(backend, folder / "artifacts", "127.0.0.1", "{port}")
-    server = ChildServer(command, folder / "log", "/health", env={**env, **database.env})
+    artifacts = artifacts_destination(None, storage.env["STORAGE_URL"])
+    command = server_command(backend, artifacts, "127.0.0.1", "{port}")
+    server = ChildServer(command, folder / "log", "/health", env={**env, **database.env, **storage.env})
     try:
         yield {
             "server": server.wait_ready(timeout=180),
@@ -58,6 +62,7 @@ def team_server(tmp_path_factory):
             "database": database,
             "home": home,
             "admin": (ADMIN, read_private(secret_files(home)["admin"])),
+            "storage": storage,
         }
     finally:
         server.close()
@@ -171,6 +176,10 @@ def test_the_tiny_pipeline_logs_everything_to_the_server_as_its_admin(team_serve
         exported = {a.path for a in client.list_artifacts(champion.run_id, folder)}
         assert exported == {f"{folder}/model.onnx", f"{folder}/model.int8.onnx", f"{folder}/reference.npz"}
         assert "int8_gate.int8_argmax_agreement" in client.get_run(champion.run_id).data.metrics
+    in_bucket = team_server["storage"].keys("mlflow-artifacts/")
+    for run_ in runs.values():  # stored in the bucket, under the run's experiment and id
+        suffix = f"/{run_.info.run_id}/artifacts/evaluation/confusion_matrix.png"
+        assert [key for key in in_bucket if key.endswith(suffix)], (run_.info.run_name, in_bucket[:20])
 
     database = team_server["database"]
     with psycopg.connect(backend, passfile=str(database.password_file)) as connection:  # really in PostgreSQL

@@ -1,8 +1,9 @@
 """An MLflow tracking server for a team (`make mlflow-server`): runs and the model registry in PostgreSQL,
-artifacts stored and proxied by the server (clients need no storage credentials), and MLflow's own
-authentication (`--app-name basic-auth`): every request needs a user's password, and a new user may see
-nothing until granted a permission. Clients set `MLFLOW_TRACKING_URI=http://<host>:<port>` and
-`MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD` (docs/pipeline.md).
+artifacts stored and proxied by the server, in the team's bucket where one is set (common/storage.py; clients
+need no storage credentials), and MLflow's own authentication (`--app-name basic-auth`): every request needs a
+user's password, and a new user may see nothing until granted a permission. Clients set
+`MLFLOW_TRACKING_URI=http://<host>:<port>` and `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`
+(docs/pipeline.md).
 
 PostgreSQL: $MLFLOW_BACKEND_STORE_URI (and $MLFLOW_AUTH_DATABASE_URI for the users and permissions) where the
 team has a database already; otherwise a cluster of this project's own on loopback, created on first use with
@@ -24,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common.private_files import ExposedSecretError, read_private, secret, write_private
 from training.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +34,6 @@ AUTH_DATABASE = "mlflow_auth"  # MLflow's users and permissions, beside the trac
 ADMIN = "admin"
 PG_PORT = 5433  # beside, not on, a system PostgreSQL's 5432
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 -- compared with --host, never bound to here
-SECRET_MODE = 0o600
 
 
 def _as_root() -> list[str] | None:
@@ -60,29 +61,6 @@ def postgres_bin() -> Path:
     for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "postgresql"]):
         subprocess.run([*root, *command], check=True, env=env, stdout=subprocess.DEVNULL)
     return postgres_bin()
-
-
-def write_private(path: Path, text: str) -> None:
-    """A new file only its owner can read (mode 0600 from its creation on, never wider for a moment)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE), "w") as f:
-        f.write(text + "\n")
-
-
-def read_private(path: Path) -> str:
-    """A secret file's content; a file others could read is refused rather than used."""
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise PipelineError(f"{path} is mode {mode:o}: others may read it; `chmod 600 {path}`")
-    return path.read_text().strip()
-
-
-def secret(path: Path) -> tuple[str, bool]:
-    """The secret kept in `path`, made (random, URL-safe) on first use; and whether it was made just now."""
-    if path.exists():
-        return read_private(path), False
-    write_private(path, secrets.token_urlsafe(24))
-    return read_private(path), True
 
 
 class LocalPostgres:
@@ -245,9 +223,17 @@ def server_env(home: Path, auth_database_uri: str) -> tuple[dict[str, str], bool
     return env, made
 
 
-def server_command(backend_uri: str, artifacts: Path, host: str, port: int | str) -> list[str]:
-    """`mlflow server` with authentication on PostgreSQL, storing and proxying the artifacts in `artifacts`,
-    answering only the Host headers and browser origins of the address it serves at."""
+def artifacts_destination(folder: Path | None, storage_url: str | None) -> str:
+    """Where the server stores artifacts: `folder` where given, else the team's bucket where storage is set
+    (`storage_url`, reached through AWS_ENDPOINT_URL and its keys), else mlflow-server/artifacts in this clone."""
+    if folder is None and storage_url:
+        return f"{storage_url.rstrip('/')}/mlflow-artifacts"
+    return str(folder or REPO / "mlflow-server" / "artifacts")
+
+
+def server_command(backend_uri: str, artifacts: str, host: str, port: int | str) -> list[str]:
+    """`mlflow server` with authentication on PostgreSQL, storing and proxying the artifacts in `artifacts` (a
+    folder or an s3:// URL), answering only the Host headers and browser origins of the address it serves at."""
     mlflow = Path(sys.executable).parent / "mlflow"
     hosts = allowed_hosts(host, port)
     origins = [f"http://{name}" for name in hosts if ":" in name]
@@ -255,7 +241,7 @@ def server_command(backend_uri: str, artifacts: Path, host: str, port: int | str
         str(mlflow), "server",
         "--app-name", "basic-auth",
         "--backend-store-uri", backend_uri,
-        "--artifacts-destination", str(artifacts),
+        "--artifacts-destination", artifacts,
         "--serve-artifacts",
         "--host", host,
         "--port", str(port),
@@ -268,7 +254,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the team's other machines")
     parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--artifacts", type=Path, default=REPO / "mlflow-server" / "artifacts")
+    parser.add_argument("--artifacts", type=Path, help="a folder (default: the bucket, or mlflow-server/artifacts)")
     parser.add_argument("--home", type=Path, default=default_home(), help="the server's settings and secrets")
     args = parser.parse_args()
     try:
@@ -280,7 +266,7 @@ def main() -> None:
             backend, auth_database = database.start(), database.uri(AUTH_DATABASE)
             os.environ.update(database.env)
         env, made = server_env(args.home, auth_database)
-    except PipelineError as exc:
+    except (PipelineError, ExposedSecretError) as exc:
         sys.exit(f"mlflow-server: {exc}")
     if made:
         print(f"MLflow's first user is {ADMIN!r}; its password is in {secret_files(args.home)['admin']} (mode 600)")
@@ -288,7 +274,9 @@ def main() -> None:
         f"MLflow on {backend.split('@')[-1]}; clients: MLFLOW_TRACKING_URI=http://{args.host}:{args.port} with "
         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
     )
-    command = server_command(backend, args.artifacts, args.host, args.port)
+    artifacts = artifacts_destination(args.artifacts, os.environ.get("STORAGE_URL"))
+    print(f"artifacts in {artifacts}")
+    command = server_command(backend, artifacts, args.host, args.port)
     os.execve(command[0], command, {**os.environ, **env})  # noqa: S606 -- this process becomes `mlflow server`
 
 
