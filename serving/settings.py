@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.cpus import usable_cpus
 from serving.model_store import WORKSPACE, default_model_tag, in_workspace, served_record, workspace_store
 from serving.preprocess import MAX_IMAGE_PIXELS
 from serving.registry import CHALLENGER, CHAMPION
@@ -27,12 +28,12 @@ class SettingsError(ValueError):
 
 
 def cpu_count() -> int:
-    """one per CPU"""
-    return os.cpu_count() or 1
+    """one per CPU this process may use (its affinity and cgroup CPU quota)"""
+    return usable_cpus()
 
 
 def threads_per_worker(data: dict[str, Any]) -> int:
-    """the CPUs shared out among the workers"""
+    """the usable CPUs shared out among the workers"""
     return max(1, cpu_count() // data["workers"])
 
 
