@@ -162,10 +162,6 @@ class PredictionLog:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            if time.monotonic() > self.next_retention:
-                self.next_retention = time.monotonic() + RETAIN_EVERY_S
-                with contextlib.suppress(OSError):
-                    retain(self.root, self.max_bytes, self.max_age_s)
             stop = None in batch
             pending = [p for p in batch if p is not None]
             if pending:
@@ -174,6 +170,10 @@ class PredictionLog:
                 except (OSError, sqlite3.Error) as exc:
                     self._dropped(sum(len(p.ids) for p in pending), f"writing {self.folder} failed: {exc}")
                     self._close_segment()
+            if time.monotonic() > self.next_retention:  # after the write, and apart: it never drops a record
+                self.next_retention = time.monotonic() + RETAIN_EVERY_S
+                with contextlib.suppress(OSError):
+                    retain(self.root, self.max_bytes, self.max_age_s)
             if stop:
                 self._close_segment()
                 return
@@ -207,7 +207,7 @@ class PredictionLog:
             self._write_chunk(model, requests)
         if self.segment_path.stat().st_size + wal_size(self.segment_path) > self.segment_bytes:
             self._close_segment()
-            retain(self.root, self.max_bytes, self.max_age_s)
+            self.next_retention = 0.0  # right after this write
 
     def _write_chunk(self, model: ModelName, pending: list[Pending]) -> None:
         counts = [len(p.ids) for p in pending]
@@ -276,8 +276,10 @@ class PredictionLog:
 
 
 def wal_size(path: Path) -> int:
-    wal = path.with_name(path.name + "-wal")
-    return wal.stat().st_size if wal.exists() else 0
+    try:
+        return path.with_name(path.name + "-wal").stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def segments(root: Path) -> list[Path]:
@@ -369,22 +371,27 @@ def writer_alive(folder: Path) -> bool:
 
 def retain(root: Path, max_bytes: int, max_age_s: float) -> list[Path]:
     """Delete the oldest closed segments until the log fits `max_bytes`, and every closed one older than
-    `max_age_s`; a segment is closed once its writer has moved on to a newer one or is gone."""
+    `max_age_s`; a segment is closed once its writer has moved on to a newer one or is gone. Every worker runs
+    this over the whole root: a segment a sibling deletes meanwhile is simply gone, never an error."""
     now = time.time()
     every = segments(root)
     newest = {}
     for path in every:
         newest[path.parent] = path
-    closed = [p for p in every if newest[p.parent] != p or not writer_alive(p.parent)]
-    sizes = {p: p.stat().st_size + wal_size(p) for p in every}
-    total = sum(sizes.values())
+    found = {}  # path: (bytes, mtime), for the segments still there
+    for path in every:
+        with contextlib.suppress(FileNotFoundError):
+            found[path] = (path.stat().st_size + wal_size(path), path.stat().st_mtime)
+    closed = [p for p in found if newest[p.parent] != p or not writer_alive(p.parent)]
+    total = sum(size for size, _ in found.values())
     deleted = []
-    for path in sorted(closed, key=lambda p: p.stat().st_mtime):
-        if total <= max_bytes and now - path.stat().st_mtime <= max_age_s:
+    for path in sorted(closed, key=lambda p: found[p][1]):
+        size, mtime = found[path]
+        if total <= max_bytes and now - mtime <= max_age_s:
             continue
         for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             file.unlink(missing_ok=True)
-        total -= sizes[path]
+        total -= size
         deleted.append(path)
     return deleted
 

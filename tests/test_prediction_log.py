@@ -1,9 +1,11 @@
 """The prediction log in-process: records as the service queues them, batches, drops, retention, feedback."""
 
 import hashlib
+import multiprocessing
 import os
 import sqlite3
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +186,26 @@ def test_each_record_names_the_model_that_answered_and_a_challengers_are_read_ap
     assert challenger[0]["model_input"] is None and challenger[0]["embedding"] is None
     assert challenger[0]["input_sha256"] is None and drops == []
     assert find_prediction(tmp_path, old.ids[0])["model_version"] == "1"  # feedback finds the answer served
+
+
+def retain_all(root: str) -> str:
+    """One worker's retention over a shared root, everything closed past its limit: what went wrong, if anything."""
+    try:
+        retain(Path(root), max_bytes=0, max_age_s=3600)
+    except OSError as exc:
+        return repr(exc)
+    return ""
+
+
+def test_retention_by_sibling_workers_at_once_never_fails_on_a_segment_the_other_deleted(tmp_path):
+    """Every worker runs retention over the whole root: one deletes a segment another has just listed."""
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        for _ in range(3):
+            for worker in range(4):
+                folder = tmp_path / f"{os.uname().nodename}-999999999-{worker:016x}"  # a writer that is gone
+                folder.mkdir(exist_ok=True)
+                for n in range(150):
+                    (folder / f"predictions-19700101T000000-{n}.sqlite").write_bytes(b"x" * 4096)
+                    (folder / f"predictions-19700101T000000-{n}.sqlite-wal").write_bytes(b"x" * 4096)
+            assert pool.map(retain_all, [str(tmp_path)] * 8) == [""] * 8
+            assert segments(tmp_path) == []
