@@ -50,7 +50,7 @@ endif
 DVC_REMOTE ?= $(if $(STORAGE_URL),storage)
 UI_PORT ?= 5000
 
-.PHONY: setup requirements audit test-tools run run-full storage push pull lint test test-fast ui mlflow-server serve monitor feedback-data retrain promote rollback doctor bench \
+.PHONY: setup requirements audit test-tools run run-full storage container push pull lint test test-fast ui mlflow-server serve monitor feedback-data retrain promote rollback doctor bench \
 	bench-sweep bench-train bench-photos bench-headers bench-profile bench-views docs clean
 
 setup: $(VENV)/.installed
@@ -88,6 +88,11 @@ run-full: setup
 storage: setup
 	$(BIN)/python -m common.storage --dir $(STORAGE_DIR) --host $(STORAGE_HOST) --port $(STORAGE_PORT)
 
+# The champion's bento as an OCI image with buildah and no registry, on a Debian base it makes once with debootstrap
+# (as root); build/container/image.json names it. Running it: docs/serving.md#a-container-image.
+container: setup
+	$(BIN)/python -m pipelines.container
+
 # What a run made (data, models, the export) to and from the team's DVC remote (.dvc/config): `shared`, a folder,
 # or `storage`, the bucket, where its credentials are set. After `make pull`, `make serve` answers with no training.
 push: setup
@@ -96,8 +101,8 @@ push: setup
 pull: setup
 	$(BIN)/dvc pull $(if $(DVC_REMOTE),--remote $(DVC_REMOTE))
 
-# Debian's Chromium, ChromeDriver and Prometheus for the browser and monitoring tests (skipped, saying why,
-# where they can't be installed).
+# Debian's Chromium, ChromeDriver, Prometheus, buildah and debootstrap for the browser, monitoring and container
+# tests (skipped, saying why, where they can't be installed).
 test-tools:
 	tests/install_debian_packages.sh
 
