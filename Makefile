@@ -37,7 +37,7 @@ export $(shell sed -n 's/^\([A-Z_]*\) ?=.*/\1/p' serving/telemetry.env)
 HOST ?= 127.0.0.1
 PORT ?= 3000
 # The team's object store (`make storage`, common/storage.py): where its credentials file exists, every target
-# here uses the bucket it names (the DVC remote `storage`, MLflow's artifacts); `STORAGE_ENV=`
+# here uses the bucket it names (the DVC remote `storage`, MLflow's artifacts, the prediction log); `STORAGE_ENV=`
 # (empty) for the local folders, `STORAGE_ENV=<file>` for a copy of another host's.
 STORAGE_DIR ?= .storage
 STORAGE_HOST ?= 127.0.0.1
@@ -134,9 +134,10 @@ mlflow-server: setup
 serve: setup
 	$(BIN)/bentoml serve serving.service:Classifier --host $(HOST) --port $(PORT)
 
-# A drift and quality report on the served traffic: the last 24 h, `SINCE=<ISO time>` or `LAST=<N>` predictions.
+# A drift and quality report on the served traffic: the last 24 h, `SINCE=<ISO time>` or `LAST=<N>` predictions;
+# every replica's, from the bucket where storage is set (`LOG_DIR=<folder or s3:// URL>` for another log).
 monitor: setup
-	$(BIN)/python -m monitoring.report $(if $(SINCE),--since $(SINCE)) $(if $(LAST),--last $(LAST))
+	$(BIN)/python -m monitoring.report $(if $(SINCE),--since $(SINCE)) $(if $(LAST),--last $(LAST)) $(if $(LOG_DIR),--log-dir $(LOG_DIR))
 
 # The labelled predictions of the prediction log as images, data/extra/feedback/<class>/<sha256>.png (DVC-tracked).
 feedback-data: setup

@@ -39,10 +39,11 @@ class ChildServer:
         port: int | None = None,
         group: bool = False,
         env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
     ):
         self.port = port or free_port()
         self.routes: dict[str, str] = {}
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.ready_path = ready_path
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 -- open while the server runs; close() closes it

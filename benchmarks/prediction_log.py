@@ -19,7 +19,7 @@ import requests
 from benchmarks.local_server import REPO, LocalServer, benchmarked_service
 from benchmarks.publish import publish, served_model
 from benchmarks.serving import loadgen, median_of, payload_images
-from serving.prediction_log import read_predictions
+from serving.log_queries import count_predictions
 
 DROPPED = "serving_prediction_log_dropped_total"
 
@@ -41,7 +41,7 @@ def settled_records(log_dir: Path, expected: int) -> int:
     """Records in the log once the writers have caught up (a few seconds at most)."""
     count = 0
     for _ in range(40):
-        count = sum(1 for _ in read_predictions(log_dir))
+        count, _ = count_predictions(log_dir)
         if count >= expected:
             break
         time.sleep(0.5)

@@ -23,8 +23,9 @@ from benchmarks.local_server import REPO, benchmarked_service
 from benchmarks.prediction_log import answered
 from benchmarks.publish import publish, served_model
 from benchmarks.serving import loadgen, median_of, payload_images
+from serving.log_queries import count_predictions
 from serving.model_store import STORED_FILES, served_record
-from serving.prediction_log import CHALLENGER, read_predictions
+from serving.prediction_log import CHALLENGER
 from training import registry
 
 MODES = ("off", "on")
@@ -61,7 +62,7 @@ def shadow_ready(url: str, timeout: float = 120) -> None:
 def settled(log_dir: Path) -> int:
     """The challenger's records in the log once it has caught up (no new one for 2 s)."""
     count = -1
-    while (found := len(read_predictions(log_dir, role=CHALLENGER))) != count:
+    while (found := count_predictions(log_dir, role=CHALLENGER)[0]) != count:
         count = found
         time.sleep(2)
     return count

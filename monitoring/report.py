@@ -35,14 +35,25 @@ from evidently import DataDefinition, Dataset, Report
 from evidently.metrics import EmbeddingsDrift, ValueDrift
 from evidently.metrics.embeddings import ModelDriftMethod
 
-from monitoring.shadow import accuracy_with_interval, live_comparison
+from monitoring.shadow import COMPARED, accuracy_with_interval, live_comparison
+from serving.log_queries import (
+    LOG_DIR_HELP,
+    Location,
+    default_location,
+    location,
+    read_feedback,
+    read_labels,
+    read_predictions,
+)
 from serving.model_store import REFERENCE_FILE
-from serving.prediction_log import CHALLENGER, read_feedback, read_labels, read_predictions
-from serving.settings import ServingSettings
+from serving.prediction_log import CHALLENGER
 from serving.statistics import STATISTICS
 from training import tracking
 from training.config import MonitorSettings, Params
 
+MONITORED = (  # the columns of the log the report reads
+    *COMPARED, "model_tag", "precision", "embedding", "class_name", "confidence", "out_of_distribution", *STATISTICS,
+)  # fmt: skip
 REPORTS = Path("reports/monitoring")
 EMBEDDING_DRIFT = ModelDriftMethod(pca_components=20)  # drift when the classifier's ROC AUC passes 0.55
 DISTRIBUTION_DRIFT = {"numerical": ("wasserstein", 0.1), "categorical": ("jensenshannon", 0.1)}  # method, threshold
@@ -165,8 +176,8 @@ def live_accuracy(rows: list[dict], feedback: dict[str, int], class_names: list[
     return {**figures(labelled), "per_class": per_class}
 
 
-def build(log_dir: Path, since: float | None, last: int | None, settings: MonitorSettings) -> tuple[dict, Report]:
-    rows = list(read_predictions(log_dir, since=None if last else since, last=last))
+def build(log_dir: Location, since: float | None, last: int | None, settings: MonitorSettings) -> tuple[dict, Report]:
+    rows = read_predictions(log_dir, since=None if last else since, last=last, columns=MONITORED)
     if not rows:
         window = f"the last {last} predictions" if last else f"since {iso(since or 0)}"
         raise MonitoringError(f"no predictions in the log at {log_dir} ({window}): serve the model and send some")
@@ -177,7 +188,8 @@ def build(log_dir: Path, since: float | None, last: int | None, settings: Monito
     snapshot, checks = drift_checks(current, past, reference[f"{precision}_embedding"].shape[1])
     feedback = read_feedback(log_dir)
     accuracy = live_accuracy(rows, feedback, class_names)
-    shadow, _ = live_comparison(rows, read_predictions(log_dir, since=rows[0]["time"], role=CHALLENGER), feedback)
+    challenger = read_predictions(log_dir, since=rows[0]["time"], role=CHALLENGER, columns=COMPARED)
+    shadow, _ = live_comparison(rows, challenger, feedback)
     embedding = checks["embedding_drift"]
     new_labels = sum(time > saved for time, _, _ in read_labels(log_dir))
     retrain, reason = retrain_advice(embedding["drift_detected"], accuracy["accuracy"], new_labels, settings)
@@ -236,10 +248,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--since", help="ISO time the window starts at (default: 24 hours ago)")
     parser.add_argument("--last", type=int, help="the window is the last N predictions instead")
-    parser.add_argument("--log-dir", type=Path, help="the prediction log (default: SERVING_PREDICTION_LOG_DIR's)")
+    parser.add_argument("--log-dir", type=location, help=LOG_DIR_HELP)
     parser.add_argument("--out", type=Path, default=REPORTS)
     args = parser.parse_args()
-    log_dir = args.log_dir or ServingSettings.from_env().prediction_log_dir
+    log_dir = args.log_dir or default_location()
     since = parse_time(args.since) if args.since else time.time() - 86400
     try:
         summary, snapshot = build(log_dir, since, args.last, Params.load().monitor)

@@ -12,6 +12,8 @@ from statsmodels.stats.proportion import proportion_confint
 
 from training.paired import Paired, compare
 
+COMPARED = ("id", "time", "label", "model_version", "model_ms")  # the columns of the log this reads
+
 
 def accuracy_with_interval(correct: np.ndarray) -> dict:
     """The share of right answers, with its 95% Wilson interval (None for no answers)."""

@@ -17,8 +17,7 @@ from PIL import Image
 
 from pipelines._stage import run
 from serving.files import read_json, write_json
-from serving.prediction_log import read_labels, read_predictions
-from serving.settings import ServingSettings
+from serving.log_queries import LOG_DIR_HELP, Location, default_location, location, read_labels, read_predictions
 from training.config import FEEDBACK_DIR
 from training.datasets import IMAGE_SHAPE
 from training.folders import folder_name
@@ -27,13 +26,14 @@ log = logging.getLogger("feedback-data")
 MANIFEST = FEEDBACK_DIR.with_suffix(".json")  # digest -> the class and feedback time it was written for
 
 
-def labelled_inputs(log_dir: Path) -> tuple[dict[str, tuple[float, str, bytes]], dict[str, int]]:
+def labelled_inputs(log_dir: Location) -> tuple[dict[str, tuple[float, str, bytes]], dict[str, int]]:
     """{input sha256: (feedback time, class name, model input)}, the latest label per digest (named as the model
     that served it names its classes), and the counts of labels, of digests that got more than one label, and of
     labelled predictions logged without their input."""
     labels = read_labels(log_dir)
     wanted = {prediction_id for _, prediction_id, _ in labels}
-    found = {r["id"]: r for r in read_predictions(log_dir) if r["id"] in wanted}
+    columns = ("id", "input_sha256", "class_names", "model_input")
+    found = {r["id"]: r for r in read_predictions(log_dir, columns=columns, ids=sorted(wanted))}
     latest: dict[str, tuple[float, str, bytes]] = {}
     seen: dict[str, set[str]] = {}
     without_input = 0
@@ -76,9 +76,9 @@ def write_folder(latest: dict[str, tuple[float, str, bytes]], folder: Path) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log-dir", type=Path, help="the prediction log (default: SERVING_PREDICTION_LOG_DIR's)")
+    parser.add_argument("--log-dir", type=location, help=LOG_DIR_HELP)
     args = parser.parse_args()
-    log_dir = args.log_dir or ServingSettings.from_env().prediction_log_dir
+    log_dir = args.log_dir or default_location()
     latest, counts = labelled_inputs(log_dir)
     written = write_folder(latest, FEEDBACK_DIR)
     log.info(

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import mlflow
 
-from monitoring.shadow import live_comparison
+from monitoring.shadow import COMPARED, live_comparison
 from pipelines._stage import run
 from serving.files import write_json
+from serving.log_queries import LOG_DIR_HELP, default_location, location, read_feedback, read_predictions
 from serving.model_source import restore_model
 from serving.model_store import STORED_FILES
-from serving.prediction_log import CHALLENGER, read_feedback, read_predictions
-from serving.settings import ServingSettings
+from serving.prediction_log import CHALLENGER
 from training import registry, tracking
 from training.config import CHAMPION_FILE, Params
 from training.errors import PipelineError
@@ -32,9 +32,9 @@ log = logging.getLogger("promote")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log-dir", type=Path, help="the prediction log (default: SERVING_PREDICTION_LOG_DIR's)")
+    parser.add_argument("--log-dir", type=location, help=LOG_DIR_HELP)
     args = parser.parse_args()
-    log_dir = args.log_dir or ServingSettings.from_env().prediction_log_dir
+    log_dir = args.log_dir or default_location()
     params = Params.load()
     name, alias, rule = params.registered_model_name, params.mlflow.alias, params.promote
     tracking.setup(params.experiment_name)
@@ -44,10 +44,9 @@ def main() -> None:
             f"nothing to promote: {name} has no {registry.CHALLENGER!r} alias apart from its {alias!r} in "
             f"{tracking.shown_uri()} (`make retrain` places one, with gate.mode shadow)"
         )
-    answered = [r for r in read_predictions(log_dir) if r["model_version"] == str(champion.version)]
-    evidence, paired = live_comparison(
-        answered, read_predictions(log_dir, role=CHALLENGER), read_feedback(log_dir), str(challenger.version)
-    )
+    answered = [r for r in read_predictions(log_dir, columns=COMPARED) if r["model_version"] == str(champion.version)]
+    tried = read_predictions(log_dir, role=CHALLENGER, columns=COMPARED)
+    evidence, paired = live_comparison(answered, tried, read_feedback(log_dir), str(challenger.version))
     labelled = 0 if paired is None else paired.images
     if paired is None or labelled < rule.min_labels:
         raise PipelineError(

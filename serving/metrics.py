@@ -22,6 +22,9 @@ CONFIDENCE = Histogram(
 )
 FEEDBACK = Counter("serving_feedback", "labels received for logged predictions, by outcome", ["outcome"])
 LOG_DROPPED = Counter("serving_prediction_log_dropped", "prediction log records dropped (queue full or disk failing)")
+LOG_UPLOAD_FAILURES = Counter(
+    "serving_prediction_log_upload_failures", "tries to upload a closed prediction log file that failed (retried)"
+)
 MODEL_INFO = Gauge(
     "serving_model_info",
     "1 for the model each worker serves (role champion) and shadows (role challenger), 0 for those it replaced",

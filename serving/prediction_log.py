@@ -1,32 +1,39 @@
-"""The prediction log: one record per prediction, written off the request path, never slowing or failing one.
+"""The prediction log: one record per answer, as Parquet files any engine reads (DuckDB, pandas, Spark), written
+off the request path, never slowing or failing one.
 
-Each worker process writes its own folder under the log's root (`<host>-<pid>-<token>`), never a file another
-process writes: SQLite segments, a new one past a size, and a `feedback.sqlite` for the labels POST /feedback
-stores. A prediction id is the worker's random token and a sequence number, so an id names the folder and,
-through each chunk's sequence range, the chunk that holds it: no index to write. Records leave the event loop
-through a bounded queue; a writer thread stores what gathered every fraction of a second as one chunk, the
-records' fields as columns (an .npz): a row per prediction in SQLite cost as much CPU as a tenth of a request.
-A full queue or a failing disk drops records, counted (`on_drop`) and warned about once. Each chunk names the
-model that answered (BentoML tag, registered version, precision) and its role: `champion` records are the
-answers the service gave; `challenger` records, written by the shadow process, are what the challenger would
-have answered for the same prediction ids. Retention, by size
-and by age over the whole root, deletes the oldest segments no writer is still appending to. Readers (the
-feedback route, `make monitor`) open every segment read-only: SQLite's write-ahead log lets them.
+Layout, hive-style (a folder per date and host), the same in the log's folder and, where storage is set, in the
+bucket under `prediction-log/` (serving/log_uploads.py):
+
+    predictions/date=2026-12-06/host=<host>/<token>-<pid>-<n>.parquet    one row group per flush
+    feedback/date=2026-12-06/host=<host>/<token>-<pid>-<n>.parquet       one label each
+
+Each worker process writes its own files, never one another process writes. A prediction id is the worker's
+random 64-bit token and a sequence number, so an id names the files that may hold it. Records leave the event
+loop through a bounded queue; a writer thread stores what gathered every FLUSH_S as one small Parquet part in
+the worker's open file (`.open/<token>-<pid>-<n>/`, read by this host's readers at once), and every `file_s`
+seconds, or past a size, closes it: its parts become one file of one row group each, under the date it was
+opened, then uploaded. A closed file is what other hosts see: a prediction served elsewhere can be labelled
+once its worker's flush interval (`file_s`) has passed. A full queue or a failing disk drops records, counted
+(`on_drop`) and warned about once. Records name the model that answered and its role: `champion` records are
+the answers the service gave; `challenger` records, written by the shadow process, are what the challenger
+would have answered for the same prediction ids. Retention, by size and by age over the local folder, deletes
+the oldest closed files, those not yet uploaded last. docs/monitoring.md documents the schema.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
-import io
 import itertools
 import json
 import logging
 import os
 import queue
+import re
 import secrets
+import shutil
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -34,20 +41,47 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from serving.log_uploads import UPLOADED, Uploader
 from serving.statistics import STATISTICS, input_statistics
 
 log = logging.getLogger("bentoml.serving")
-SEGMENTS_PER_LOG = 16  # a segment is at most this share of the size limit, so retention deletes in small steps
-FLUSH_S = 0.2  # how long records gather between two writes: one transaction per flush, not one per request
+FLUSH_S = 0.2  # how long records gather between two writes: one part (a future row group) per flush
+FILE_S = 2.0  # default of SERVING_PREDICTION_LOG_FILE_S: how long a file stays open before others see it
+FILES_PER_LOG = 64  # a file is at most this share of the size limit, so retention deletes in small steps
 RETAIN_EVERY_S = 600  # retention also runs this often, so a quiet log ages out too
-LOOKUP_S = 1.0  # how long a lookup waits for a record still in some worker's queue
-CHAMPION, CHALLENGER = "champion", "challenger"  # whose answers a chunk holds
-PREDICTIONS = """CREATE TABLE IF NOT EXISTS chunks (
-    chunk INTEGER PRIMARY KEY, first_sequence INTEGER, last_sequence INTEGER, first_time REAL, last_time REAL,
-    model_tag TEXT, precision TEXT, class_names TEXT, records INTEGER, data BLOB, model_version TEXT, role TEXT);"""
-FEEDBACK = """CREATE TABLE IF NOT EXISTS feedback (
-    prediction_id TEXT NOT NULL, label INTEGER NOT NULL, time REAL NOT NULL, predicted_label INTEGER);"""
+PREDICTIONS, FEEDBACK, OPEN = "predictions", "feedback", ".open"
+CHAMPION, CHALLENGER = "champion", "challenger"  # whose answers a record holds
+FILE_NAME = re.compile(r"^(?P<token>[0-9a-f]{16})-(?P<pid>\d+)-(?P<n>\d+)$")
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("time", pa.float64()),  # Unix seconds, when the answer left
+        ("role", pa.string()),
+        ("route", pa.string()),
+        ("model_tag", pa.string()),
+        ("model_version", pa.string()),
+        ("precision", pa.string()),
+        ("class_names", pa.string()),  # the answering model's, as JSON: what a label (an index) means
+        ("label", pa.int16()),
+        ("class_name", pa.string()),
+        ("confidence", pa.float32()),
+        ("probabilities", pa.list_(pa.float32())),
+        ("ood_score", pa.float32()),
+        ("out_of_distribution", pa.bool_()),
+        ("latency_ms", pa.float32()),  # the request's, from its first byte to its answer
+        ("model_ms", pa.float32()),  # the model's run of the batch that answered it
+        ("input_sha256", pa.string()),
+        *[(name, pa.float32()) for name in STATISTICS],
+        ("embedding", pa.list_(pa.float32())),
+        ("model_input", pa.binary()),  # the 28x28 uint8 pixels the model took
+    ]
+)
+FEEDBACK_SCHEMA = pa.schema(
+    [("prediction_id", pa.string()), ("label", pa.int16()), ("time", pa.float64()), ("predicted_label", pa.int16())]
+)
 
 
 class PredictionIds:
@@ -94,11 +128,36 @@ class Pending:
     ids: list[str]
     time: float
     route: str
-    latency_ms: float  # the request's, from its first byte to its answer
-    model_ms: float  # the model's run of the batch that answered it
+    latency_ms: float
+    model_ms: float
     model: ModelName
     inputs: np.ndarray | None  # uint8 [N,1,28,28]; None: not logged (a challenger's, whose inputs the champion's hold)
     outputs: Outputs
+
+
+def partition(root: Path, kind: str, when: float) -> Path:
+    """The folder of `kind` records written on `when`'s (UTC) date by this host."""
+    day = datetime.datetime.fromtimestamp(when, datetime.UTC).date().isoformat()
+    return root / kind / f"date={day}" / f"host={socket.gethostname()}"
+
+
+def list_array(rows: np.ndarray) -> pa.Array:
+    """A [N, D] float array as N lists of D float32."""
+    flat = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1)
+    offsets = np.arange(0, len(rows) * rows.shape[1] + 1, rows.shape[1], dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+def binary_array(rows: np.ndarray) -> pa.Array:
+    """A [N, ...] uint8 array as N byte strings."""
+    data = np.ascontiguousarray(rows, dtype=np.uint8).reshape(len(rows), -1)
+    offsets = np.arange(0, data.size + 1, data.shape[1], dtype=np.int32)
+    return pa.Array.from_buffers(pa.binary(), len(rows), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def repeated(values: list, counts: list[int], kind: pa.DataType) -> pa.Array:
+    """Each request's value once per record of the request."""
+    return pa.array(np.repeat(np.array(values, dtype=object), counts), kind)
 
 
 class PredictionLog:
@@ -113,19 +172,32 @@ class PredictionLog:
         max_age_s: float,
         on_drop: Callable[[int], None],
         role: str = CHAMPION,
+        file_s: float = FILE_S,
+        storage_url: str | None = None,
+        on_upload_failure: Callable[[], None] = lambda: None,
     ):
-        self.root = root
-        self.folder = root / f"{socket.gethostname()}-{os.getpid()}-{token}"
+        self.root, self.name = root, f"{token}-{os.getpid()}"
         self.class_names, self.keep_inputs, self.role = class_names, keep_inputs, role
         self.class_json = json.dumps(class_names)
-        self.max_bytes, self.max_age_s = max_bytes, max_age_s
-        self.segment_bytes = max(1 << 20, max_bytes // SEGMENTS_PER_LOG)
+        self.max_bytes, self.max_age_s, self.file_s = max_bytes, max_age_s, file_s
+        self.file_bytes = max(1 << 20, max_bytes // FILES_PER_LOG)
         self.on_drop = on_drop
+        self.uploader = Uploader(root, storage_url, on_upload_failure) if storage_url else None
         self.queue: queue.Queue[Pending | None] = queue.Queue(queue_requests)
-        self.connection: sqlite3.Connection | None = None
+        self.numbers = itertools.count()
+        self.open_parts: Path | None = None
+        self.opened_at = 0.0
+        self.open_bytes = 0
         self.feedback_lock = threading.Lock()
         self.warned = False
         self.next_retention = 0.0
+        for folder in sorted((root / OPEN).glob("*")):  # a crashed writer's open file: closed for it
+            if not writer_alive(folder.name):
+                with contextlib.suppress(OSError):
+                    self._close(folder)
+        if self.uploader is not None:  # what a process before this one closed and never uploaded
+            closed = [*root.glob(f"{PREDICTIONS}/*/*/*.parquet"), *root.glob(f"{FEEDBACK}/*/*/*.parquet")]
+            self.uploader.resume(sorted(p for p in closed if not writer_alive(p.name)))
         self.writer = threading.Thread(target=self._write_forever, name="prediction-log", daemon=True)
         self.writer.start()
 
@@ -138,10 +210,12 @@ class PredictionLog:
             self._dropped(len(pending.ids), f"its queue is full ({self.queue.maxsize} requests)")
 
     def close(self) -> None:
-        """Write what is queued, then stop the writer."""
+        """Write what is queued, close the open file, upload what is closed (a few seconds at most), then stop."""
         with contextlib.suppress(queue.Full):
             self.queue.put(None, timeout=5)
         self.writer.join(timeout=10)
+        if self.uploader is not None:
+            self.uploader.close(timeout=10)
 
     # the writer thread
 
@@ -154,7 +228,7 @@ class PredictionLog:
     def _write_forever(self) -> None:
         while True:
             try:
-                batch = [self.queue.get(timeout=FLUSH_S * 10)]
+                batch = [self.queue.get(timeout=FLUSH_S)]
             except queue.Empty:
                 batch = []
             while len(batch) < 512:
@@ -164,204 +238,135 @@ class PredictionLog:
                     break
             stop = None in batch
             pending = [p for p in batch if p is not None]
-            if pending:
-                try:
-                    self._write(pending)
-                except (OSError, sqlite3.Error) as exc:
-                    self._dropped(sum(len(p.ids) for p in pending), f"writing {self.folder} failed: {exc}")
-                    self._close_segment()
-            if time.monotonic() > self.next_retention:  # after the write, and apart: it never drops a record
+            try:
+                if pending:
+                    self._write_part(self._table(pending))
+                if self.open_parts is not None and (
+                    stop or time.monotonic() - self.opened_at >= self.file_s or self.open_bytes > self.file_bytes
+                ):
+                    self._close(self.open_parts)
+                    self.open_parts = None
+                    self.next_retention = 0.0  # right after a file closes
+            except OSError as exc:
+                self._dropped(sum(len(p.ids) for p in pending), f"writing {self.root} failed: {exc}")
+            if time.monotonic() > self.next_retention:  # apart from the write: it never drops a record
                 self.next_retention = time.monotonic() + RETAIN_EVERY_S
                 with contextlib.suppress(OSError):
-                    retain(self.root, self.max_bytes, self.max_age_s)
+                    retain(self.root, self.max_bytes, self.max_age_s, self.uploader is not None, self.on_drop)
             if stop:
-                self._close_segment()
                 return
             time.sleep(FLUSH_S)
 
-    def _segment(self) -> sqlite3.Connection:
-        if self.connection is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / f"predictions-{time.strftime('%Y%m%dT%H%M%S')}-{time.monotonic_ns()}.sqlite"
-            self.connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self.connection.execute("PRAGMA journal_mode=WAL")
-            # no fsync: half the cost of a record. A crashed service loses nothing written; a power cut may
-            # lose or damage the segment being written (readers skip one that does not open)
-            self.connection.execute("PRAGMA synchronous=OFF")
-            self.connection.executescript(PREDICTIONS)
-            self.segment_path = path
-        return self.connection
+    def _write_part(self, table: pa.Table) -> None:
+        """One flush's records, as the open file's next part (written under a hidden name, then renamed)."""
+        if self.open_parts is None:
+            self.open_parts = self.root / OPEN / f"{self.name}-{next(self.numbers)}"
+            self.open_parts.mkdir(parents=True, exist_ok=True)
+            self.opened_at, self.open_bytes = time.monotonic(), 0
+        parts = self.open_parts
+        part = parts / f"{len(list(parts.glob('*.parquet'))):06d}.parquet"
+        hidden = part.with_name(f".{part.name}")
+        pq.write_table(table, hidden, compression="zstd")
+        hidden.rename(part)
+        self.open_bytes += part.stat().st_size
 
-    def _close_segment(self) -> None:
-        if self.connection is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self.connection.close()
-            self.connection = None
+    def _close(self, parts: Path) -> None:
+        """An open file's parts as one closed file of one row group each, under the date its first part was
+        written; then queued for upload. Hidden while it is made, its parts hidden as soon as it starts."""
+        closing = parts.with_name(f".closing-{parts.name}")
+        parts.rename(closing)
+        files = sorted(closing.glob("*.parquet"))
+        if files:
+            target = partition(self.root, PREDICTIONS, files[0].stat().st_mtime) / f"{parts.name}.parquet"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            hidden = target.with_name(f".{target.name}")
+            with pq.ParquetWriter(hidden, SCHEMA, compression="zstd") as writer:
+                for file in files:
+                    writer.write_table(pq.read_table(file, schema=SCHEMA))
+            hidden.rename(target)
+            if self.uploader is not None:
+                self.uploader.enqueue(target)
+        shutil.rmtree(closing, ignore_errors=True)
 
-    def _write(self, pending: list[Pending]) -> None:
-        """One chunk per model that answered the gathered requests."""
-        by_model: dict[ModelName, list[Pending]] = {}
-        for request in pending:
-            by_model.setdefault(request.model, []).append(request)
-        for model, requests in by_model.items():
-            self._write_chunk(model, requests)
-        if self.segment_path.stat().st_size + wal_size(self.segment_path) > self.segment_bytes:
-            self._close_segment()
-            self.next_retention = 0.0  # right after this write
-
-    def _write_chunk(self, model: ModelName, pending: list[Pending]) -> None:
+    def _table(self, pending: list[Pending]) -> pa.Table:
         counts = [len(p.ids) for p in pending]
-        columns = {
-            "id": np.array([i for p in pending for i in p.ids]),
-            "time": np.repeat([p.time for p in pending], counts),
-            "route": np.repeat([p.route for p in pending], counts),
-            "latency_ms": np.repeat([p.latency_ms for p in pending], counts).astype(np.float32),
-            "model_ms": np.repeat([p.model_ms for p in pending], counts).astype(np.float32),
-            "probabilities": np.concatenate([p.outputs.probabilities for p in pending]).astype(np.float32),
-            "ood_score": np.concatenate([p.outputs.ood_score for p in pending]).astype(np.float32),
-            "out_of_distribution": np.concatenate([p.outputs.out_of_distribution for p in pending]),
+        probabilities = np.concatenate([p.outputs.probabilities for p in pending]).astype(np.float32)
+        labels = probabilities.argmax(1)
+        records = len(labels)
+        names = np.array(self.class_names, dtype=object)
+        columns: dict[str, pa.Array] = {
+            "id": pa.array([i for p in pending for i in p.ids], pa.string()),
+            "time": pa.array(np.repeat([p.time for p in pending], counts), pa.float64()),
+            "role": pa.array([self.role] * records, pa.string()),
+            "route": repeated([p.route for p in pending], counts, pa.string()),
+            "model_tag": repeated([p.model.tag for p in pending], counts, pa.string()),
+            "model_version": repeated([p.model.version for p in pending], counts, pa.string()),
+            "precision": repeated([p.model.precision for p in pending], counts, pa.string()),
+            "class_names": pa.array([self.class_json] * records, pa.string()),
+            "label": pa.array(labels.astype(np.int16)),
+            "class_name": pa.array(names[labels], pa.string()),
+            "confidence": pa.array(probabilities[np.arange(records), labels]),
+            "probabilities": list_array(probabilities),
+            "ood_score": pa.array(np.concatenate([p.outputs.ood_score for p in pending]).astype(np.float32)),
+            "out_of_distribution": pa.array(np.concatenate([p.outputs.out_of_distribution for p in pending])),
+            "latency_ms": pa.array(np.repeat([p.latency_ms for p in pending], counts).astype(np.float32)),
+            "model_ms": pa.array(np.repeat([p.model_ms for p in pending], counts).astype(np.float32)),
         }
         if all(p.outputs.embedding is not None for p in pending):
-            columns["embedding"] = np.concatenate([p.outputs.embedding for p in pending]).astype(np.float32)
+            columns["embedding"] = list_array(np.concatenate([p.outputs.embedding for p in pending]))
         if all(p.inputs is not None for p in pending):
             inputs = np.concatenate([p.inputs for p in pending])
-            columns["input_sha256"] = np.array([hashlib.sha256(image).hexdigest() for image in inputs])
-            columns["statistics"] = input_statistics(inputs)
+            columns["input_sha256"] = pa.array([hashlib.sha256(image).hexdigest() for image in inputs], pa.string())
+            statistics = input_statistics(inputs)
+            columns |= {name: pa.array(statistics[:, i]) for i, name in enumerate(STATISTICS)}
             if self.keep_inputs:
-                columns["model_input"] = inputs
-        buffer = io.BytesIO()
-        np.savez(buffer, allow_pickle=False, **columns)
-        sequences = [parse_id(i)[1] for p in pending for i in (p.ids[0], p.ids[-1])]
-        connection = self._segment()
-        with connection:
-            connection.execute(
-                "INSERT INTO chunks (first_sequence, last_sequence, first_time, last_time, model_tag, precision, "
-                "class_names, records, data, model_version, role) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    min(sequences),
-                    max(sequences),
-                    pending[0].time,
-                    pending[-1].time,
-                    model.tag,
-                    model.precision,
-                    self.class_json,
-                    sum(counts),
-                    buffer.getvalue(),
-                    model.version,
-                    self.role,
-                ),
-            )
+                columns["model_input"] = binary_array(inputs)
+        return pa.table(
+            [columns.get(f.name, pa.nulls(records, f.type)) for f in SCHEMA],
+            schema=SCHEMA,  # absent: nulls
+        )
 
     # feedback: the labels people send back for predictions
 
     def find(self, prediction_id: str) -> dict | None:
-        """The logged prediction `prediction_id` (from any worker), waiting briefly for one still queued."""
-        deadline = time.monotonic() + LOOKUP_S
+        """The logged prediction `prediction_id`, from this host's files (open ones included) or the bucket's,
+        waiting one flush interval for one still being written somewhere."""
+        from serving.log_queries import find_prediction  # DuckDB, loaded by the first lookup, not at start
+
+        deadline = time.monotonic() + self.file_s + 2 * FLUSH_S
         while True:
             found = find_prediction(self.root, prediction_id)
+            if found is None and self.uploader is not None:
+                found = find_prediction(self.uploader.url, prediction_id)
             if found is not None or time.monotonic() > deadline:
                 return found
             time.sleep(FLUSH_S)
 
     def store_feedback(self, prediction_id: str, label: int, predicted_label: int) -> None:
-        """Append a label for a prediction to this worker's feedback file, durably: a later one replaces it."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with self.feedback_lock, contextlib.closing(sqlite3.connect(self.folder / "feedback.sqlite")) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(FEEDBACK)
-            with db:
-                db.execute(
-                    "INSERT INTO feedback VALUES (?, ?, ?, ?)", (prediction_id, label, time.time(), predicted_label)
-                )
+        """A label for a prediction, as a file of its own written durably before this returns (a later label
+        for the same prediction replaces it), then uploaded."""
+        row = {"prediction_id": [prediction_id], "label": [label], "time": [time.time()]}
+        table = pa.table(row | {"predicted_label": [predicted_label]}, schema=FEEDBACK_SCHEMA)
+        with self.feedback_lock:
+            target = partition(self.root, FEEDBACK, time.time()) / f"{self.name}-{next(self.numbers)}.parquet"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            hidden = target.with_name(f".{target.name}")
+            pq.write_table(table, hidden)
+            with open(hidden, "rb") as written:
+                os.fsync(written.fileno())
+            hidden.rename(target)
+        if self.uploader is not None:
+            self.uploader.enqueue(target)
 
 
-def wal_size(path: Path) -> int:
+def writer_alive(name: str) -> bool:
+    """Whether the process that writes the file `name` (`<token>-<pid>-<n>`) may still be writing it: it runs
+    on this host (every host has a folder of its own)."""
+    found = FILE_NAME.match(name.removesuffix(".parquet"))
+    if found is None:
+        return True
     try:
-        return path.with_name(path.name + "-wal").stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def segments(root: Path) -> list[Path]:
-    return sorted(root.glob("*/predictions-*.sqlite"))
-
-
-def read_only(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-
-
-def records(chunk: sqlite3.Row, positions: slice | list[int] | None = None) -> list[dict]:
-    """A chunk's records (or those at `positions`), one dict each: the log's fields, blobs as bytes, None for a
-    field the chunk does not hold (a challenger's records hold its answers alone)."""
-    with np.load(io.BytesIO(chunk["data"]), allow_pickle=False) as data:
-        columns = {name: data[name] for name in data.files}
-    chosen = slice(None) if positions is None else positions
-    picked = {name: values[chosen] for name, values in columns.items()}
-    class_names = json.loads(chunk["class_names"])
-    probabilities = picked["probabilities"]
-    labels = probabilities.argmax(1)
-    named = dict(zip(chunk.keys(), chunk, strict=True))  # a segment written before a column existed lacks it
-    found = []
-    for n in range(len(labels)):
-        statistics = picked["statistics"][n].tolist() if "statistics" in picked else [None] * len(STATISTICS)
-        record = {
-            "id": str(picked["id"][n]),
-            "time": float(picked["time"][n]),
-            "route": str(picked["route"][n]),
-            "role": chunk_role(chunk),
-            "model_tag": chunk["model_tag"],
-            "model_version": named.get("model_version"),
-            "precision": chunk["precision"],
-            "input_sha256": str(picked["input_sha256"][n]) if "input_sha256" in picked else None,
-            **dict(zip(STATISTICS, statistics, strict=True)),
-            "label": int(labels[n]),
-            "class_name": class_names[labels[n]],
-            "class_names": class_names,  # the served model's: what a label (an index) means
-            "confidence": float(probabilities[n, labels[n]]),
-            "probabilities": probabilities[n].tobytes(),
-            "embedding": picked["embedding"][n].tobytes() if "embedding" in picked else None,
-            "ood_score": float(picked["ood_score"][n]),
-            "out_of_distribution": bool(picked["out_of_distribution"][n]),
-            "latency_ms": float(picked["latency_ms"][n]),
-            "model_ms": float(picked["model_ms"][n]) if "model_ms" in picked else None,
-            "model_input": picked["model_input"][n].tobytes() if "model_input" in picked else None,
-        }
-        found.append(record)
-    return found
-
-
-def chunk_role(chunk: sqlite3.Row) -> str:
-    """Whose answers a chunk holds (a segment written before roles existed holds the champion's)."""
-    return dict(zip(chunk.keys(), chunk, strict=True)).get("role") or CHAMPION
-
-
-def find_prediction(root: Path, prediction_id: str) -> dict | None:
-    """The logged prediction `prediction_id` (a valid id), from the folder its token names."""
-    token, sequence = parse_id(prediction_id)
-    for path in sorted(root.glob(f"*-{token}/predictions-*.sqlite"), reverse=True):  # recent ones are asked most
-        try:
-            with contextlib.closing(read_only(path)) as db:
-                db.row_factory = sqlite3.Row
-                chunks = db.execute(
-                    "SELECT * FROM chunks WHERE first_sequence <= ? AND last_sequence >= ?", (sequence, sequence)
-                ).fetchall()
-        except sqlite3.Error:  # a segment being created or deleted right now
-            continue
-        for chunk in chunks:
-            with np.load(io.BytesIO(chunk["data"]), allow_pickle=False) as data:
-                positions = np.flatnonzero(data["id"] == prediction_id).tolist()
-            if positions:
-                return records(chunk, positions)[0]
-    return None
-
-
-def writer_alive(folder: Path) -> bool:
-    """Whether the process that writes `folder` may still be appending to its newest segment."""
-    parts = folder.name.rsplit("-", 2)
-    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
-        return True  # another machine's (a replica on a shared volume): only age retires its newest segment
-    try:
-        os.kill(int(parts[1]), 0)
+        os.kill(int(found["pid"]), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -369,73 +374,35 @@ def writer_alive(folder: Path) -> bool:
     return True
 
 
-def retain(root: Path, max_bytes: int, max_age_s: float) -> list[Path]:
-    """Delete the oldest closed segments until the log fits `max_bytes`, and every closed one older than
-    `max_age_s`; a segment is closed once its writer has moved on to a newer one or is gone. Every worker runs
-    this over the whole root: a segment a sibling deletes meanwhile is simply gone, never an error."""
+def closed_files(root: Path) -> list[Path]:
+    return sorted(root.glob(f"{PREDICTIONS}/*/*/*.parquet"))
+
+
+def retain(
+    root: Path, max_bytes: int, max_age_s: float, uploads: bool = False, on_drop: Callable[[int], None] | None = None
+) -> list[Path]:
+    """Delete the oldest closed prediction files until the log fits `max_bytes`, and every one older than
+    `max_age_s`. With `uploads`, files the bucket holds go first, and one waiting for its upload goes only to
+    keep the size limit (its records counted as dropped). Every worker runs this over the whole folder: a file a
+    sibling deletes meanwhile is simply gone, never an error."""
     now = time.time()
-    every = segments(root)
-    newest = {}
-    for path in every:
-        newest[path.parent] = path
-    found = {}  # path: (bytes, mtime), for the segments still there
-    for path in every:
+    found = {}  # path: (bytes, mtime, uploaded)
+    for path in closed_files(root):
         with contextlib.suppress(FileNotFoundError):
-            found[path] = (path.stat().st_size + wal_size(path), path.stat().st_mtime)
-    closed = [p for p in found if newest[p.parent] != p or not writer_alive(p.parent)]
-    total = sum(size for size, _ in found.values())
+            stat = path.stat()
+            found[path] = (stat.st_size, stat.st_mtime, path.with_name(path.name + UPLOADED).exists())
+    total = sum(size for size, _, _ in found.values())
     deleted = []
-    for path in sorted(closed, key=lambda p: found[p][1]):
-        size, mtime = found[path]
-        if total <= max_bytes and now - mtime <= max_age_s:
+    for path in sorted(found, key=lambda p: (not found[p][2], found[p][1])):  # uploaded first, oldest first
+        size, mtime, uploaded = found[path]
+        over_size, too_old = total > max_bytes, now - mtime > max_age_s
+        if not (over_size or (too_old and (uploaded or not uploads))):
             continue
-        for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-            file.unlink(missing_ok=True)
+        if uploads and not uploaded and on_drop is not None:
+            with contextlib.suppress(OSError):
+                on_drop(pq.ParquetFile(path).metadata.num_rows)
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + UPLOADED).unlink(missing_ok=True)
         total -= size
         deleted.append(path)
     return deleted
-
-
-def read_predictions(
-    root: Path, since: float | None = None, last: int | None = None, role: str = CHAMPION
-) -> list[dict]:
-    """Logged predictions, oldest first (a request's in the order it answered them): from `since` (a Unix time),
-    or the `last` N of them, or all; the answers served (`champion`), or the challenger's (`challenger`)."""
-    chunks: list[sqlite3.Row] = []
-    for path in segments(root):
-        try:
-            with contextlib.closing(read_only(path)) as db:
-                db.row_factory = sqlite3.Row
-                where = " WHERE last_time >= ?" if since is not None else ""  # constant SQL; the value is bound
-                query = "SELECT * FROM chunks" + where  # noqa: S608 -- two constant strings
-                found = db.execute(query, () if since is None else (since,)).fetchall()
-        except sqlite3.DatabaseError as exc:  # a segment a power cut damaged, or one being created
-            log.warning("prediction log: skipping %s (%s)", path, exc)
-            continue
-        chunks += [chunk for chunk in found if chunk_role(chunk) == role]
-    chunks.sort(key=lambda chunk: chunk["first_time"])
-    if last:  # only the newest chunks that hold the last N
-        kept, count = [], 0
-        for chunk in reversed(chunks):
-            if count >= last:
-                break
-            kept.append(chunk)
-            count += chunk["records"]
-        chunks = kept[::-1]
-    rows = [record for chunk in chunks for record in records(chunk) if since is None or record["time"] >= since]
-    rows.sort(key=lambda record: record["time"])  # stable: a request's records keep their order
-    return rows[-last:] if last else rows
-
-
-def read_labels(root: Path) -> list[tuple[float, str, int]]:
-    """Every label sent, from every worker's feedback file: (time, prediction id, label), oldest first."""
-    labels: list[tuple[float, str, int]] = []
-    for path in sorted(root.glob("*/feedback.sqlite")):
-        with contextlib.closing(read_only(path)) as db:
-            labels += db.execute("SELECT time, prediction_id, label FROM feedback").fetchall()
-    return sorted(labels)
-
-
-def read_feedback(root: Path) -> dict[str, int]:
-    """The latest label sent for each prediction."""
-    return {prediction_id: label for _, prediction_id, label in read_labels(root)}

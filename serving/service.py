@@ -32,7 +32,7 @@ from serving.direct import DirectPredictions
 from serving.follow import Follower
 from serving.inputs import ClientError, images_to_array, parse_batch
 from serving.limits import ApiRequestGuard, HeaderLimit
-from serving.metrics import BATCH_SIZES, LOG_DROPPED
+from serving.metrics import BATCH_SIZES, LOG_DROPPED, LOG_UPLOAD_FAILURES
 from serving.model_source import ensure_model
 from serving.model_store import MODEL_FILES, ModelMissingError, served_record
 from serving.prediction_log import Outputs, Pending, PredictionIds, PredictionLog
@@ -83,6 +83,8 @@ class Classifier:
             queue_requests=SETTINGS.prediction_log_queue,
             max_bytes=SETTINGS.prediction_log_max_mb << 20,
             max_age_s=SETTINGS.prediction_log_max_days * 86400,
+            file_s=SETTINGS.prediction_log_file_s,
+            storage_url=SETTINGS.prediction_log_bucket,
         )
         self.log = (
             PredictionLog(
@@ -91,6 +93,7 @@ class Classifier:
                 self.class_names,
                 keep_inputs=SETTINGS.prediction_log_inputs,
                 on_drop=LOG_DROPPED.inc,
+                on_upload_failure=LOG_UPLOAD_FAILURES.inc,
                 **log_settings,  # type: ignore[arg-type]
             )
             if SETTINGS.prediction_log
@@ -118,7 +121,7 @@ class Classifier:
         tag = str(self.bento_model.tag)
         return ServedModel(classifier, tag, served.get("version") if served.get("bentoml_tag") == tag else None)
 
-    def follow(self, log_settings: dict[str, int]) -> Follower | None:
+    def follow(self, log_settings: dict[str, Any]) -> Follower | None:
         """The registry follower (and the shadow process it feeds), where the settings turn following on."""
         if not SETTINGS.follow_registry:
             return None
@@ -142,6 +145,8 @@ class Classifier:
                 f"--log-queue={log_settings['queue_requests']}",
                 f"--log-max-bytes={log_settings['max_bytes']}",
                 f"--log-max-age-s={log_settings['max_age_s']}",
+                f"--log-file-s={log_settings['file_s']}",
+                *([f"--log-bucket={log_settings['storage_url']}"] if log_settings["storage_url"] else []),
             ]
         name = SETTINGS.registered_model or ""
         return Follower(SETTINGS, name, lambda: self.served, self.swap, shadow_log).start()

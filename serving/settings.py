@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.cpus import usable_cpus
 from serving.model_store import WORKSPACE, default_model_tag, in_workspace, served_record, workspace_store
+from serving.prediction_log import FILE_S
 from serving.preprocess import MAX_IMAGE_PIXELS
 from serving.registry import CHALLENGER, CHAMPION
 
@@ -35,6 +36,11 @@ def cpu_count() -> int:
 def threads_per_worker(data: dict[str, Any]) -> int:
     """the usable CPUs shared out among the workers"""
     return max(1, cpu_count() // data["workers"])
+
+
+def storage_url() -> str | None:
+    """$STORAGE_URL (`make storage`'s bucket) where set; else none: the log stays in its folder"""
+    return os.environ.get("STORAGE_URL") or None
 
 
 def champion_tag() -> str:
@@ -124,7 +130,8 @@ class ServingSettings(BaseSettings):
         True, description="one record per prediction in the prediction log (docs/monitoring.md)"
     )
     prediction_log_dir: Path = Field(
-        default_factory=prediction_log_dir, description="the prediction log's folder: each worker writes its own in it"
+        default_factory=prediction_log_dir,
+        description="the prediction log's folder: each worker writes its own files in it",
     )
     prediction_log_inputs: bool = Field(
         True, description="the 28x28 model input (784 bytes) in each record, for feedback to become training data"
@@ -136,6 +143,17 @@ class ServingSettings(BaseSettings):
         1024, description="the log's size, all workers together; the oldest records are deleted past it"
     )
     prediction_log_max_days: PositiveInt = Field(30, description="records older than this are deleted")
+    prediction_log_file_s: float = Field(
+        FILE_S,
+        gt=0,
+        description="seconds a worker's log file stays open: after it closes (and is uploaded) other replicas and "
+        "hosts read it, and a prediction can be labelled through any replica",
+    )
+    prediction_log_bucket: str | None = Field(
+        default_factory=storage_url,
+        description="the bucket the closed log files go to, under `prediction-log/` (the endpoint and keys: "
+        "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)",
+    )
     feedback_token: SecretStr | None = Field(
         None,
         description="the bearer token POST /feedback requires; unset, feedback is refused (403): it becomes "

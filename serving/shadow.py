@@ -12,7 +12,8 @@ serving_shadow_failures_total and goes on with the next batch, one that crashes 
 The child: `python -m serving.shadow <model file> ...` (started by Shadow, never by hand). Its stdin carries
 frames: a 4-byte little-endian length, a JSON header ({"requests": [{"ids", "time", "route"}...]}), then the
 requests' images as uint8 bytes; its stdout, one JSON line per event: ready, failed (with the reason),
-batch_failed, or dropped (records its prediction log could not keep).
+batch_failed, dropped (records its prediction log could not keep) or upload_failed (a try to upload one of its
+log files).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import IO, cast
 
 import numpy as np
 
+from serving.metrics import LOG_UPLOAD_FAILURES
 from serving.prediction_log import CHALLENGER, ModelName, Outputs, Pending, PredictionLog
 from serving.runtime import OnnxClassifier, ProbeError
 
@@ -135,6 +137,8 @@ class Shadow:
                 self.on_failure(model, event["reason"], event["message"])
             elif event["event"] == "dropped":  # records its prediction log could not keep
                 self.on_drop(int(event["count"]))
+            elif event["event"] == "upload_failed":
+                LOG_UPLOAD_FAILURES.inc()
             elif event["event"] == "batch_failed":
                 self.on_batch_failure()
                 failed_batches += 1
@@ -218,6 +222,8 @@ def main() -> None:
     parser.add_argument("--log-queue", type=int, required=True)
     parser.add_argument("--log-max-bytes", type=int, required=True)
     parser.add_argument("--log-max-age-s", type=float, required=True)
+    parser.add_argument("--log-file-s", type=float, required=True)
+    parser.add_argument("--log-bucket", help="the bucket its closed log files go to")
     args = parser.parse_args()
     # only CPU time the champion leaves idle: SCHED_IDLE runs it when nothing else wants the CPU and gives way at
     # once when something does (a nice value alone still takes its slice of a busy CPU)
@@ -243,6 +249,9 @@ def main() -> None:
         max_age_s=args.log_max_age_s,
         on_drop=lambda count: report("dropped", count=str(count)),
         role=CHALLENGER,
+        file_s=args.log_file_s,
+        storage_url=args.log_bucket,
+        on_upload_failure=lambda: report("upload_failed"),
     )
     report("ready")
     columns = model.columns

@@ -59,10 +59,10 @@ def wait_for_bucket(env: dict[str, str], timeout: float = 60) -> None:
             time.sleep(0.5)
 
 
-def start_storage(folder: Path, port: int | None = None) -> Storage:
-    command = [sys.executable, "-m", "common.storage", "--dir", str(folder), "--port", "{port}"]
+def start_storage(folder: Path, port: int | None = None, host: str = "127.0.0.1") -> Storage:
+    command = [sys.executable, "-m", "common.storage", "--dir", str(folder), "--host", host, "--port", "{port}"]
     folder.mkdir(parents=True, exist_ok=True)
-    server = ChildServer(command, folder / "storage.log", "/healthz", port=port).wait_ready(timeout=120)
+    server = ChildServer(command, folder / "storage.log", "/healthz", port=port, host=host).wait_ready(timeout=120)
     env = read_env_file(credential_files(folder)["env"])
     wait_for_bucket(env)
     return Storage(server, folder, env)

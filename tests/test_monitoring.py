@@ -18,7 +18,7 @@ import tritonclient.http as triton
 from mlflow import MlflowClient
 from selenium.webdriver.common.by import By
 
-from serving.prediction_log import read_feedback, read_predictions
+from serving.log_queries import read_feedback, read_predictions
 from tests.browser import ARTIFACTS, chromium, screenshot, wait_for
 from tests.conftest import REPO
 from tests.prometheus_fixtures import Prometheus
@@ -112,8 +112,10 @@ def test_every_answer_carries_an_id_and_is_logged_exactly_once_on_every_route(lo
     assert first["model_input"] == image.tobytes() and first["label"] == answers[0]["label"]
     assert first["model_tag"] == served_model["tag"] and first["precision"] == "int8"
     assert first["ood_score"] == pytest.approx(answers[0]["ood_score"], rel=1e-5)
-    workers = {p.parent.name for p in (folder / "log").glob("*/predictions-*.sqlite")}
-    assert len(workers) >= 1 and all(name.count("-") >= 2 for name in workers)  # one folder per worker process
+    # each worker writes files of its own, named by the token that starts its ids (open ones are folders of parts)
+    names = [p.name for p in (folder / "log").glob("predictions/*/*/*.parquet")]
+    names += [p.name for p in (folder / "log").glob(".open/*")]
+    assert all(any(name.startswith(i[:16]) for name in names) for i in ids)
 
 
 def test_feedback_is_stored_and_refused_as_it_should(logged, served_model):

@@ -1,28 +1,33 @@
-"""The prediction log in-process: records as the service queues them, batches, drops, retention, feedback."""
+"""The prediction log in-process: records as the service queues them, batches, drops, the Parquet files and
+their layout, retention, feedback, files a crashed worker left open."""
 
 import hashlib
 import multiprocessing
 import os
-import sqlite3
+import socket
 import time
 from pathlib import Path
 
+import duckdb
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+from serving.log_queries import find_prediction, read_feedback, read_labels, read_predictions
 from serving.prediction_log import (
     CHALLENGER,
+    FLUSH_S,
+    OPEN,
+    SCHEMA,
     ModelName,
     Outputs,
     Pending,
     PredictionIds,
     PredictionLog,
-    find_prediction,
-    read_feedback,
-    read_predictions,
+    closed_files,
     retain,
-    segments,
 )
+from tests.storage_fixtures import start_storage
 
 CLASSES = [f"class {i}" for i in range(10)]
 IDS = PredictionIds()
@@ -41,7 +46,7 @@ def pending(
 
 
 def open_log(root, drops: list, ids: PredictionIds = IDS, **changes) -> PredictionLog:
-    options = dict(keep_inputs=True, queue_requests=100, max_bytes=64 << 20, max_age_s=3600.0)
+    options = dict(keep_inputs=True, queue_requests=100, max_bytes=64 << 20, max_age_s=3600.0, file_s=60.0)
     options.update(changes)
     return PredictionLog(root, ids.token, CLASSES, on_drop=drops.append, **options)  # type: ignore[arg-type]
 
@@ -68,7 +73,34 @@ def test_every_record_holds_what_the_service_answered_and_the_input(tmp_path):
     assert (row["model_tag"], row["model_version"], row["precision"]) == ("model:v1", "1", "int8")
     assert (row["latency_ms"], row["model_ms"], row["role"]) == (3.5, 1.25, "champion")
     assert row["mean_intensity"] == pytest.approx(batch.inputs[7].mean() / 255, rel=1e-5)
-    assert [p.parent for p in segments(tmp_path)] == [log.folder] and log.folder.name.endswith(IDS.token)
+    (closed,) = closed_files(tmp_path)  # one file: closed when the log closed
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    assert closed.parent == tmp_path / "predictions" / f"date={day}" / f"host={socket.gethostname()}"
+    assert closed.name == f"{IDS.token}-{os.getpid()}-0.parquet"
+    assert pq.read_schema(closed).remove_metadata() == SCHEMA
+    assert not list((tmp_path / OPEN).iterdir())
+    # any engine reads it: DuckDB, with hive partitions from the path
+    query = "SELECT DISTINCT host FROM read_parquet(?, hive_partitioning = true)"
+    hosts = duckdb.execute(query, [f"{tmp_path}/predictions/*/*/*.parquet"]).fetchall()
+    assert hosts == [(socket.gethostname(),)]
+
+
+def test_a_file_holds_one_row_group_per_flush_and_closes_after_its_interval(tmp_path):
+    """Records are found on this host within a flush, before their file closes; the file closes after
+    `file_s` even with no more traffic, one row group per flush."""
+    log = open_log(tmp_path, [], file_s=1.5)
+    first = pending(3, 1)
+    log.record(first)
+    time.sleep(4 * FLUSH_S)
+    assert find_prediction(tmp_path, first.ids[1])["id"] == first.ids[1]  # from the open file
+    assert closed_files(tmp_path) == []
+    second = pending(2, 2)
+    log.record(second)
+    time.sleep(1.5 + 4 * FLUSH_S)
+    (closed,) = closed_files(tmp_path)
+    assert pq.ParquetFile(closed).metadata.num_row_groups == 2
+    assert [r["id"] for r in read_predictions(tmp_path)] == first.ids + second.ids
+    log.close()
 
 
 def test_an_id_finds_its_record_among_every_workers_log(tmp_path):
@@ -121,25 +153,41 @@ def test_an_unwritable_folder_drops_every_record_and_warns_once(tmp_path, caplog
     assert len([r for r in caplog.records if "dropping records" in r.getMessage()]) == 1
 
 
-def test_retention_deletes_the_oldest_closed_segments_but_never_one_being_written(tmp_path):
-    log = open_log(tmp_path, [], max_bytes=1 << 20)  # segments of 1 MiB, the smallest
-    for i in range(60):
-        log.record(pending(64, i))  # ~70 kB each
-        time.sleep(0.01)
+def test_retention_deletes_the_oldest_closed_files_first(tmp_path):
+    log = open_log(tmp_path, [], max_bytes=1 << 20)  # files of 1 MiB, the smallest
+    requests = [pending(64, i) for i in range(60)]  # ~60 kB each: random pixels do not compress
+    for request in requests:
+        log.record(request)
+        time.sleep(FLUSH_S / 2)
     log.close()
-    kept = segments(tmp_path)
-    assert sum(p.stat().st_size for p in kept) <= 2 << 20  # the limit, give or take the newest segment
-    remaining = len(list(read_predictions(tmp_path)))
-    assert 0 < remaining < 60 * 64  # the oldest went
-    # a segment older than any age limit is kept while its writer (this process) may append to it; a dead
-    # writer's goes
-    for pid in (os.getpid(), 999999999):
-        folder = tmp_path / f"{os.uname().nodename}-{pid}-{PredictionIds().token}"
-        folder.mkdir()
-        sqlite3.connect(folder / "predictions-19700101T000000-1.sqlite").close()
-        os.utime(folder / "predictions-19700101T000000-1.sqlite", (0, 0))
-    deleted = retain(tmp_path, max_bytes=1 << 30, max_age_s=3600)
-    assert [p.parent.name.split("-")[-2] for p in deleted] == ["999999999"]
+    kept = closed_files(tmp_path)
+    assert sum(p.stat().st_size for p in kept) <= 1 << 20
+    remaining = [r["id"] for r in read_predictions(tmp_path, columns=("id",))]
+    assert remaining[-1] == requests[-1].ids[-1] and requests[0].ids[0] not in remaining  # the oldest went
+    old = kept[-1]
+    os.utime(old, (0, 0))
+    assert retain(tmp_path, max_bytes=1 << 30, max_age_s=3600) == [old]  # past the age limit
+
+
+def write_and_crash(root: str) -> list[str]:
+    """A worker that logs a request, then dies before its file closes."""
+    ids = PredictionIds()
+    request = pending(4, 1, ids=ids)
+    open_log(Path(root), [], ids=ids).record(request)
+    deadline = time.monotonic() + 30
+    while not list(Path(root).glob(f"{OPEN}/*/*.parquet")) and time.monotonic() < deadline:
+        time.sleep(FLUSH_S)
+    return request.ids
+
+
+def test_a_file_a_crashed_worker_left_open_is_closed_by_the_next_start(tmp_path):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        written = pool.apply(write_and_crash, (str(tmp_path),))
+    (parts,) = (tmp_path / OPEN).iterdir()  # its process is gone; its file was never closed
+    assert find_prediction(tmp_path, written[0]) is not None  # this host reads it meanwhile
+    open_log(tmp_path, []).close()
+    assert [r["id"] for r in read_predictions(tmp_path)] == written
+    assert [p.name for p in closed_files(tmp_path)] == [f"{parts.name}.parquet"]
 
 
 def test_feedback_keeps_the_latest_label_for_each_prediction(tmp_path):
@@ -149,6 +197,8 @@ def test_feedback_keeps_the_latest_label_for_each_prediction(tmp_path):
     log.store_feedback("a" * 32, 4, 3)  # a second label replaces the first
     log.close()
     assert read_feedback(tmp_path) == {"a" * 32: 4, "b" * 32: 1}
+    assert [label for _, _, label in read_labels(tmp_path)] == [3, 1, 4]
+    assert len(list(tmp_path.glob("feedback/date=*/host=*/*.parquet"))) == 3  # each durable on its own
 
 
 def test_a_window_by_time_or_by_count(tmp_path):
@@ -189,7 +239,7 @@ def test_each_record_names_the_model_that_answered_and_a_challengers_are_read_ap
 
 
 def retain_all(root: str) -> str:
-    """One worker's retention over a shared root, everything closed past its limit: what went wrong, if anything."""
+    """One worker's retention over a shared folder, everything past its limit: what went wrong, if anything."""
     try:
         retain(Path(root), max_bytes=0, max_age_s=3600)
     except OSError as exc:
@@ -197,15 +247,59 @@ def retain_all(root: str) -> str:
     return ""
 
 
-def test_retention_by_sibling_workers_at_once_never_fails_on_a_segment_the_other_deleted(tmp_path):
-    """Every worker runs retention over the whole root: one deletes a segment another has just listed."""
+def test_retention_by_sibling_workers_at_once_never_fails_on_a_file_the_other_deleted(tmp_path):
+    """Every worker runs retention over the whole folder: one deletes a file another has just listed."""
+    folder = tmp_path / "predictions" / "date=1970-01-01" / f"host={socket.gethostname()}"
+    folder.mkdir(parents=True)
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         for _ in range(3):
             for worker in range(4):
-                folder = tmp_path / f"{os.uname().nodename}-999999999-{worker:016x}"  # a writer that is gone
-                folder.mkdir(exist_ok=True)
                 for n in range(150):
-                    (folder / f"predictions-19700101T000000-{n}.sqlite").write_bytes(b"x" * 4096)
-                    (folder / f"predictions-19700101T000000-{n}.sqlite-wal").write_bytes(b"x" * 4096)
+                    (folder / f"{worker:016x}-999999999-{n}.parquet").write_bytes(b"x" * 4096)
             assert pool.map(retain_all, [str(tmp_path)] * 8) == [""] * 8
-            assert segments(tmp_path) == []
+            assert closed_files(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_closed_files_go_to_the_bucket_and_wait_there_while_it_is_away(tmp_path, monkeypatch):
+    """SeaweedFS as `make storage` runs it: each closed file and label lands under the same key in the bucket
+    (readable there with DuckDB); while the store is stopped the log keeps its files, counts the failed tries,
+    and uploads them when the store is back, every record exactly once."""
+    store = start_storage(tmp_path / "storage")
+    for name, value in store.env.items():
+        monkeypatch.setenv(name, value)
+    failures: list[int] = []
+    root = tmp_path / "log"
+    log = open_log(
+        root, [], file_s=0.5, storage_url=store.env["STORAGE_URL"], on_upload_failure=lambda: failures.append(1)
+    )
+    bucket = f"{store.env['STORAGE_URL']}/prediction-log"
+    try:
+        before = pending(5, 1)
+        log.record(before)
+        log.store_feedback(before.ids[0], 3, 2)
+        wait_for(lambda: len(store.keys("prediction-log/")) == 2)
+        assert sorted(key.split("/")[1] for key in store.keys("prediction-log/")) == ["feedback", "predictions"]
+        assert [r["id"] for r in read_predictions(bucket)] == before.ids
+        assert read_feedback(bucket) == {before.ids[0]: 3}
+
+        store.close()
+        during = pending(7, 2)
+        log.record(during)
+        wait_for(lambda: len(closed_files(root)) == 2 and len(failures) >= 2)
+        assert not Path(f"{closed_files(root)[-1]}.uploaded").exists()  # kept, waiting
+
+        store = start_storage(tmp_path / "storage", port=store.server.port)
+        wait_for(lambda: len(store.keys("prediction-log/predictions/")) == 2, timeout=60)
+        ids = [r["id"] for r in read_predictions(bucket)]
+        assert ids == before.ids + during.ids  # each once
+    finally:
+        log.close()
+        store.close()
+
+
+def wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.25)
