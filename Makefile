@@ -101,8 +101,8 @@ push: setup
 pull: setup
 	$(BIN)/dvc pull $(if $(DVC_REMOTE),--remote $(DVC_REMOTE))
 
-# Debian's Chromium, ChromeDriver, Prometheus, buildah and debootstrap for the browser, monitoring and container
-# tests (skipped, saying why, where they can't be installed).
+# Debian's Chromium, ChromeDriver, Prometheus, nginx, buildah and debootstrap for the browser, monitoring, replica
+# and container tests (skipped, saying why, where they can't be installed).
 test-tools:
 	tests/install_debian_packages.sh
 

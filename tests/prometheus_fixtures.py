@@ -28,13 +28,13 @@ def tool(name: str) -> str:
 
 
 class Prometheus(ChildServer):
-    """monitoring/prometheus.yml and its rules, scraping `target` (host:port) every second."""
+    """monitoring/prometheus.yml and its rules, scraping `target` (host:port, or several) every second."""
 
-    def __init__(self, target: str, folder: Path):
+    def __init__(self, target: str | list[str], folder: Path):
         config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
         config["global"].update(scrape_interval="1s", evaluation_interval="1s")
         config["rule_files"] = [str(MONITORING / rule) for rule in config["rule_files"]]
-        config["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
+        config["scrape_configs"][0]["static_configs"] = [{"targets": [target] if isinstance(target, str) else target}]
         (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
         command = [
             tool("prometheus"),
