@@ -15,13 +15,14 @@ import numpy as np
 import pyarrow as pa
 
 from serving.log_uploads import PREFIX
-from serving.prediction_log import CHAMPION, FEEDBACK, FILE_NAME, OPEN, PREDICTIONS, parse_id
+from serving.prediction_log import CHAMPION, FEEDBACK, FILE_NAME, OPEN, PART, PREDICTIONS, parse_id
 from serving.statistics import STATISTICS
 
 Location = Path | str  # a local folder, or an s3:// URL
 LOG_DIR_HELP = (
     "the prediction log: a folder or an s3:// URL (default: the bucket where storage is set, else the folder)"
 )
+READ_FILES = "SELECT * FROM read_parquet(?, union_by_name = true, filename = true, file_row_number = true)"
 BYTES_COLUMNS = ("probabilities", "embedding")  # lists of float32, handed out as their bytes
 RECORD_COLUMNS = (
     "id", "time", "route", "role", "model_tag", "model_version", "precision", "input_sha256", *STATISTICS,
@@ -73,31 +74,56 @@ def connect(where: Location) -> duckdb.DuckDBPyConnection:
     return connection
 
 
-def sources(where: Location, kind: str, token: str | None = None) -> list[str]:
-    """The files of `kind` (predictions or feedback), those of one worker's `token` only where given: in the
-    bucket a glob; in a folder the closed files, and for predictions the open files' parts."""
+def sources(where: Location, kind: str, token: str | None = None) -> tuple[list[str], list[Path]]:
+    """The closed files of `kind` (predictions or feedback), those of one worker's `token` only where given (in the
+    bucket, a glob), and in a folder the parts of its open prediction files."""
     name = f"{token}-*.parquet" if token else "*.parquet"
     if in_bucket(where):
-        return [f"{str(where).rstrip('/')}/{kind}/*/*/{name}"]
+        return [f"{str(where).rstrip('/')}/{kind}/*/*/{name}"], []
     root = Path(where)
-    found = [p for p in root.glob(f"{kind}/*/*/{name}") if FILE_NAME.match(p.name.removesuffix(".parquet"))]
+    closed = [p for p in root.glob(f"{kind}/*/*/{name}") if FILE_NAME.match(p.name.removesuffix(".parquet"))]
+    parts: list[Path] = []
     if kind == PREDICTIONS:
         open_files = [p for p in root.glob(f"{OPEN}/{token or ''}*") if FILE_NAME.match(p.name)]
-        found += [part for folder in open_files for part in folder.glob("[0-9]*.parquet")]
-    return sorted(str(p) for p in found)
+        parts = sorted(part for folder in open_files for part in folder.glob(f"[0-9]*{PART}"))
+    return sorted(str(p) for p in closed), parts
+
+
+def open_parts(parts: list[Path]) -> pa.Table | None:
+    """The parts still there (a closing writer moves them), as one table with their file name and row numbers,
+    as DuckDB's reader adds them to the closed files' rows."""
+    tables = []
+    for part in parts:
+        try:
+            with pa.memory_map(str(part)) as source:
+                table = pa.ipc.open_file(source).read_all()
+        except (FileNotFoundError, pa.ArrowInvalid):
+            continue
+        table = table.append_column("filename", pa.array([str(part)] * len(table), pa.string()))
+        tables.append(table.append_column("file_row_number", pa.array(range(len(table)), pa.int64())))
+    return pa.concat_tables(tables) if tables else None
 
 
 def query(where: Location, kind: str, columns: str, tail: str = "", parameters: tuple = (), token: str | None = None):
     """`SELECT columns FROM <the files> tail` as an Arrow table, or None where there are no files. A local file
     that retention or a closing writer moves meanwhile: the listing is taken again."""
     for _ in range(3):
-        files = sources(where, kind, token)
-        if not files:
+        files, parts = sources(where, kind, token)
+        open_rows = open_parts(parts)
+        if not files and open_rows is None:
             return None
-        source = "read_parquet(?, union_by_name = true, filename = true, file_row_number = true)"
-        sql = f"SELECT {columns} FROM {source} {tail}"  # noqa: S608 -- the callers' constant SQL; values are bound
+        connection = connect(where)
+        selects = []
+        if files:
+            selects.append(READ_FILES)
+        if open_rows is not None:
+            connection.register("open_rows", open_rows)
+            selects.append("SELECT * FROM open_rows")
+        rows = " UNION ALL BY NAME ".join(selects)
+        sql = f"SELECT {columns} FROM ({rows}) {tail}"  # noqa: S608 -- the callers' constant SQL; values are bound
+        values = [files, *parameters] if files else list(parameters)  # in the order of the `?`s
         try:
-            return connect(where).execute(sql, [files, *parameters]).to_arrow_table()
+            return connection.execute(sql, values).to_arrow_table()
         except duckdb.IOException as exc:
             if "No files found" in str(exc):
                 return None
