@@ -137,7 +137,9 @@ class ServingSettings(BaseSettings):
         True, description="the 28x28 model input (784 bytes) in each record, for feedback to become training data"
     )
     prediction_log_queue: PositiveInt = Field(
-        1000, description="requests whose records may wait for the writer; past that they are dropped, and counted"
+        10_000,
+        description="requests whose records may wait for the writer (a second or more of traffic, about 1 kB each: "
+        "a file closing is a burst of the writer's work); past that they are dropped, and counted",
     )
     prediction_log_max_mb: PositiveInt = Field(
         1024, description="the log's size, all workers together; the oldest records are deleted past it"
