@@ -165,6 +165,13 @@ def serving_settings(root: Path) -> str:
     return "\n".join(rows) + "\n"
 
 
+def log_schema(root: Path) -> str:
+    """The prediction log's columns, from the schema its writer uses."""
+    from serving.log_records import schema_table
+
+    return schema_table()
+
+
 def benchmark(file: str, command: str, module: str) -> Callable[[Path], str]:
     """A block from a benchmark's results file, printed by that benchmark's own `table` function."""
 
@@ -182,6 +189,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "ood-score": ood_summary,
     "model-zoo": model_zoo,
     "serving-settings": serving_settings,
+    "log-schema": log_schema,
     "champion-summary": champion_summary,
     "model-comparison": model_comparison,
     "training-benchmark": benchmark("training.json", "make bench-train", "benchmarks.training"),

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from serving import registry
+from serving.log_records import ModelName
 from serving.metrics import MODEL_INFO, count_predictions
 from serving.model_store import MODEL_FILES
-from serving.prediction_log import ModelName
 from serving.runtime import ModelFileError, OnnxClassifier, ProbeError
 from serving.settings import ServingSettings
 

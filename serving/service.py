@@ -32,10 +32,11 @@ from serving.direct import DirectPredictions
 from serving.follow import Follower
 from serving.inputs import ClientError, images_to_array, parse_batch
 from serving.limits import ApiRequestGuard, HeaderLimit
+from serving.log_records import Outputs, Pending
 from serving.metrics import BATCH_SIZES, LOG_DROPPED, LOG_UPLOAD_FAILURES
 from serving.model_source import ensure_model
 from serving.model_store import MODEL_FILES, ModelMissingError, served_record
-from serving.prediction_log import Outputs, Pending, PredictionIds, PredictionLog
+from serving.prediction_log import PredictionIds, PredictionLog
 from serving.preprocess import ImageError, open_image, to_model_input
 from serving.routes import PREDICTION_ROUTES, build_api
 from serving.runtime import ProviderError, choose_precision, require_cuda

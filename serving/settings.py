@@ -15,7 +15,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.cpus import usable_cpus
 from serving.model_store import WORKSPACE, default_model_tag, in_workspace, served_record, workspace_store
-from serving.prediction_log import FILE_S
 from serving.preprocess import MAX_IMAGE_PIXELS
 from serving.registry import CHALLENGER, CHAMPION
 
@@ -146,7 +145,7 @@ class ServingSettings(BaseSettings):
     )
     prediction_log_max_days: PositiveInt = Field(30, description="records older than this are deleted")
     prediction_log_file_s: float = Field(
-        FILE_S,
+        2.0,
         gt=0,
         description="seconds a worker's log file stays open: after it closes (and is uploaded) other replicas and "
         "hosts read it, and a prediction can be labelled through any replica",

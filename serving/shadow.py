@@ -36,8 +36,9 @@ from typing import IO, cast
 
 import numpy as np
 
+from serving.log_records import ModelName, Outputs, Pending
 from serving.metrics import LOG_UPLOAD_FAILURES
-from serving.prediction_log import CHALLENGER, ModelName, Outputs, Pending, PredictionLog
+from serving.prediction_log import CHALLENGER, PredictionLog
 from serving.runtime import OnnxClassifier, ProbeError
 
 log = logging.getLogger("bentoml.serving")

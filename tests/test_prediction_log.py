@@ -4,6 +4,7 @@ their layout, retention, feedback, files a crashed worker left open."""
 import hashlib
 import multiprocessing
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -14,14 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from serving.log_queries import find_prediction, read_feedback, read_labels, read_predictions
+from serving.log_records import SCHEMA, ModelName, Outputs, Pending
 from serving.prediction_log import (
     CHALLENGER,
     FLUSH_S,
     OPEN,
-    SCHEMA,
-    ModelName,
-    Outputs,
-    Pending,
     PredictionIds,
     PredictionLog,
     closed_files,
@@ -169,25 +167,41 @@ def test_retention_deletes_the_oldest_closed_files_first(tmp_path):
     assert retain(tmp_path, max_bytes=1 << 30, max_age_s=3600) == [old]  # past the age limit
 
 
-def write_and_crash(root: str) -> list[str]:
-    """A worker that logs a request, then dies before its file closes."""
+def write_and_kill(root: str, sent) -> None:
+    """A worker that logs a request, waits for it to reach a part, logs a second, then is killed (SIGKILL) with
+    the second only in its journal."""
     ids = PredictionIds()
-    request = pending(4, 1, ids=ids)
-    open_log(Path(root), [], ids=ids).record(request)
+    first, second = pending(4, 1, ids=ids), pending(3, 2, ids=ids)
+    log = open_log(Path(root), [], ids=ids)
+    log.record(first)
     deadline = time.monotonic() + 30
-    while not list(Path(root).glob(f"{OPEN}/*/*.parquet")) and time.monotonic() < deadline:
-        time.sleep(FLUSH_S)
-    return request.ids
+    while not list(Path(root).glob(f"{OPEN}/*/*.arrow")) and time.monotonic() < deadline:
+        time.sleep(FLUSH_S / 4)
+    log.record(second)
+    sent.send(first.ids + second.ids)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_a_file_a_crashed_worker_left_open_is_closed_by_the_next_start(tmp_path):
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        written = pool.apply(write_and_crash, (str(tmp_path),))
-    (parts,) = (tmp_path / OPEN).iterdir()  # its process is gone; its file was never closed
-    assert find_prediction(tmp_path, written[0]) is not None  # this host reads it meanwhile
+def test_a_killed_workers_open_file_is_closed_by_the_next_start_with_every_record_it_answered(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    received, sent = context.Pipe(duplex=False)
+    worker = context.Process(target=write_and_kill, args=(str(tmp_path), sent))
+    worker.start()
+    written = received.recv()
+    worker.join(30)
+    assert worker.exitcode == -signal.SIGKILL
+    (folder,) = (tmp_path / OPEN).iterdir()  # its process is gone; its file was never closed
+    assert find_prediction(tmp_path, written[0]) is not None  # this host reads its parts meanwhile
+    assert find_prediction(tmp_path, written[-1]) is None  # the last request is in its journal only
     open_log(tmp_path, []).close()
-    assert [r["id"] for r in read_predictions(tmp_path)] == written
-    assert [p.name for p in closed_files(tmp_path)] == [f"{parts.name}.parquet"]
+    rows = list(read_predictions(tmp_path))
+    assert [r["id"] for r in rows] == written
+    second = pending(3, 2)  # the journalled request, made again
+    for row, image, probabilities in zip(rows[4:], second.inputs, second.outputs.probabilities, strict=True):
+        assert row["model_input"] == image.tobytes() and row["latency_ms"] == 3.5
+        np.testing.assert_array_equal(np.frombuffer(row["probabilities"], np.float32), probabilities)
+    assert [p.name for p in closed_files(tmp_path)] == [f"{folder.name}.parquet"]
+    assert not list((tmp_path / OPEN).iterdir())
 
 
 def test_feedback_keeps_the_latest_label_for_each_prediction(tmp_path):
