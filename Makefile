@@ -32,8 +32,8 @@ export DATASET_MIRROR ?= $(if $(wildcard $(SHARED_DATASETS)),$(SHARED_DATASETS)/
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 MLFLOW_DB := sqlite:///$(CURDIR)/mlflow.db
 # Telemetry off for every tool a target runs (docs/security.md, "Telemetry").
-include serving/telemetry.env
-export $(shell sed -n 's/^\([A-Z_]*\) ?=.*/\1/p' serving/telemetry.env)
+include common/telemetry.env
+export $(shell sed -n 's/^\([A-Z_]*\) ?=.*/\1/p' common/telemetry.env)
 HOST ?= 127.0.0.1
 PORT ?= 3000
 # The team's object store (`make storage`, common/storage.py): where its credentials file exists, every target

@@ -1,6 +1,6 @@
 """The work every peer framework in `make bench` does, in the service's own code so that all do the same per
 image: decode an upload as the service does, run onnxruntime once per batch with the service's thread count,
-answer in the service's format. Imports nothing but numpy, Pillow and onnxruntime (and serving.preprocess),
+answer in the service's format. Imports nothing but numpy, Pillow and onnxruntime (and common.preprocess),
 so that it runs in each framework's own environment."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from serving.preprocess import MAX_IMAGE_PIXELS, image_to_input
+from common.preprocess import MAX_IMAGE_PIXELS, image_to_input
 
 
 def session(path: str) -> ort.InferenceSession:

@@ -80,7 +80,7 @@ def missing_java() -> str | None:
 
 
 def peer_environment(threads: int) -> dict[str, str]:
-    """What each framework's handler needs: the project's code (serving.preprocess, benchmarks.answers) and the
+    """What each framework's handler needs: the project's code (common.preprocess, benchmarks.answers) and the
     thread count."""
     return {"PYTHONPATH": str(REPO), "PEER_THREADS": str(threads)}
 

@@ -21,9 +21,9 @@ from pydantic import BaseModel, Field
 
 from benchmarks.answers import answer
 from benchmarks.local_server import REPO
-from serving.files import read_json
-from serving.model_store import read_metadata
-from serving.preprocess import MAX_IMAGE_PIXELS, image_to_input
+from common.files import read_json
+from common.model_store import read_metadata
+from common.preprocess import MAX_IMAGE_PIXELS, image_to_input
 
 ONNX_PATH = Path(os.environ.get("PEER_MODEL", REPO / "export" / "model.onnx"))
 BACKEND = os.environ.get("PEER_BACKEND", "onnx")

@@ -19,7 +19,7 @@ import requests
 from benchmarks.local_server import REPO, LocalServer, benchmarked_service
 from benchmarks.publish import publish, served_model
 from benchmarks.serving import loadgen, median_of, payload_images
-from serving.log_queries import count_predictions
+from common.log_queries import count_predictions
 
 DROPPED = "serving_prediction_log_dropped_total"
 

@@ -34,7 +34,7 @@ RATE = 200  # samples per second and thread
 # layer: patterns of a frame's file, the innermost frame that matches one naming the layer of a sample
 LAYERS = {
     "onnxruntime": ["/onnxruntime/"],
-    "decoding (PIL)": ["/PIL/", "serving/preprocess.py"],
+    "decoding (PIL)": ["/PIL/", "common/preprocess.py"],
     "multipart parsing": ["multipart", "formparsers.py"],
     "JSON and validation": ["/json/", "orjson", "/pydantic", "serving/inputs.py"],
     "metrics": ["prometheus_client", "serving/metrics.py"],

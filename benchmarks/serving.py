@@ -41,11 +41,11 @@ from benchmarks import frameworks
 from benchmarks.loadgen import png_file
 from benchmarks.local_server import REPO, ChildServer, LocalServer, benchmarked_service
 from benchmarks.publish import publish, served_model
-from serving.files import read_json
+from common.files import read_json
+from common.model_store import EXPORT_RECORD, read_metadata
+from common.preprocess import MAX_IMAGE_PIXELS, image_to_input
+from common.runtime import OnnxClassifier
 from serving.inputs import parse_batch
-from serving.model_store import EXPORT_RECORD, read_metadata
-from serving.preprocess import MAX_IMAGE_PIXELS, image_to_input
-from serving.runtime import OnnxClassifier
 from serving.settings import threads_per_worker
 from training.progress import progress
 

@@ -23,9 +23,9 @@ from benchmarks.local_server import REPO, benchmarked_service
 from benchmarks.prediction_log import answered
 from benchmarks.publish import publish, served_model
 from benchmarks.serving import loadgen, median_of, payload_images
-from serving.log_queries import count_predictions
-from serving.model_store import STORED_FILES, served_record
-from serving.prediction_log import CHALLENGER
+from common.log_layout import CHALLENGER
+from common.log_queries import count_predictions
+from common.model_store import STORED_FILES, served_record
 from training import registry
 
 MODES = ("off", "on")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.publish import publish
-from serving.files import read_json
+from common.files import read_json
 from training.checkpoint import new_model
 from training.config import CARD_FILE, DATASET_FILE, Params, TrainConfig, TtaSettings
 from training.data import Prepared

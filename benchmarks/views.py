@@ -31,8 +31,8 @@ from benchmarks.serving import (
     targets_of,
     warm_up,
 )
-from serving.files import read_json
-from serving.model_store import EXPORT_RECORD, save_onnx
+from common.files import read_json
+from common.model_store import EXPORT_RECORD, save_onnx
 from training.bundle import build_bundle
 from training.checkpoint import load_trained
 from training.config import CARD_FILE, CHALLENGER_FILE, DATASET_FILE, DISTILL_FILE, Params, TtaSettings

@@ -35,8 +35,8 @@ from evidently import DataDefinition, Dataset, Report
 from evidently.metrics import EmbeddingsDrift, ValueDrift
 from evidently.metrics.embeddings import ModelDriftMethod
 
-from monitoring.shadow import COMPARED, accuracy_with_interval, live_comparison
-from serving.log_queries import (
+from common.log_layout import CHALLENGER
+from common.log_queries import (
     LOG_DIR_HELP,
     Location,
     default_location,
@@ -45,9 +45,9 @@ from serving.log_queries import (
     read_labels,
     read_predictions,
 )
-from serving.model_store import REFERENCE_FILE
-from serving.prediction_log import CHALLENGER
-from serving.statistics import STATISTICS
+from common.model_store import REFERENCE_FILE
+from common.statistics import STATISTICS
+from monitoring.shadow import COMPARED, accuracy_with_interval, live_comparison
 from training import tracking
 from training.config import MonitorSettings, Params
 

@@ -1,3 +1,3 @@
-"""One thin script per DVC stage: read params, call the library (`training`, `serving`), write outputs."""
+"""One thin script per DVC stage: read params, call the library (`training`, `common`), write outputs."""
 
-import serving  # noqa: F401 -- first: it switches telemetry off (serving/telemetry.env) before a stage imports MLflow
+import common  # noqa: F401 -- first: it switches telemetry off (common/telemetry.env) before a stage imports MLflow

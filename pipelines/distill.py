@@ -8,8 +8,8 @@ import shutil
 
 import mlflow
 
+from common.files import read_json, write_json
 from pipelines._stage import run
-from serving.files import read_json, write_json
 from training import tracking
 from training.checkpoint import load_augmented, save_weights
 from training.config import CARD_FILE, CHALLENGER_FILE, DATASET_FILE, DISTILL_DIR, DISTILL_FILE, DISTILL_WEIGHTS, Params

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from serving.files import read_json
+from common.files import read_json
 from training.config import CHAMPION_FILE, DISTILL_FILE, EXPORT_DIR, METRICS_DIR
 from training.selection import comparison_table
 

@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from common.files import read_json, write_json
 from pipelines._stage import run
-from serving.files import read_json, write_json
 from training import tracking
 from training.checkpoint import load_trained
 from training.config import CARD_FILE, DATASET_FILE, EVALUATION_DIR, METRICS_DIR, PREDICTIONS_DIR, Params, summary_path

@@ -7,10 +7,10 @@ exported again keeps each export's files), for the gate stage to weigh."""
 
 import logging
 
+from common.files import read_json, write_json
+from common.model_store import save_onnx
+from common.registry import run_files
 from pipelines._stage import run
-from serving.files import read_json, write_json
-from serving.model_store import save_onnx
-from serving.registry import run_files
 from training import tracking
 from training.bundle import build_bundle
 from training.checkpoint import load_augmented, load_trained

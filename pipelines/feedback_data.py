@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.files import read_json, write_json
+from common.log_queries import LOG_DIR_HELP, Location, default_location, location, read_labels, read_predictions
 from pipelines._stage import run
-from serving.files import read_json, write_json
-from serving.log_queries import LOG_DIR_HELP, Location, default_location, location, read_labels, read_predictions
 from training.config import FEEDBACK_DIR
 from training.datasets import IMAGE_SHAPE
 from training.folders import folder_name

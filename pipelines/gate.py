@@ -13,10 +13,10 @@ from pathlib import Path
 
 import mlflow
 
+from common.files import read_json, sha256_file, write_json
+from common.model_source import restore_model
+from common.model_store import STORED_FILES
 from pipelines._stage import run
-from serving.files import read_json, sha256_file, write_json
-from serving.model_source import restore_model
-from serving.model_store import STORED_FILES
 from training import registry, tracking
 from training.config import CHALLENGER_FILE, CHAMPION_FILE, DATASET_FILE, EXPORT_DIR, Params
 from training.data import Prepared

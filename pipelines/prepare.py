@@ -6,8 +6,8 @@ dataset card (class names, counts per class, pixel mean and std, sha256), a samp
 
 import logging
 
+from common.files import write_json
 from pipelines._stage import run
-from serving.files import write_json
 from training.config import CARD_FILE, DATASET_FILE, RAW_DIR, SAMPLES_FILE, Params
 from training.folders import prepare
 from training.plots import sample_grid

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import mlflow
 
+from common.files import write_json
+from common.log_layout import CHALLENGER
+from common.log_queries import LOG_DIR_HELP, default_location, location, read_feedback, read_predictions
+from common.model_source import restore_model
+from common.model_store import STORED_FILES
 from monitoring.shadow import COMPARED, live_comparison
 from pipelines._stage import run
-from serving.files import write_json
-from serving.log_queries import LOG_DIR_HELP, default_location, location, read_feedback, read_predictions
-from serving.model_source import restore_model
-from serving.model_store import STORED_FILES
-from serving.prediction_log import CHALLENGER
 from training import registry, tracking
 from training.config import CHAMPION_FILE, Params
 from training.errors import PipelineError

@@ -9,10 +9,10 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from common.files import write_json
+from common.model_source import restore_model
+from common.model_store import STORED_FILES
 from pipelines._stage import run
-from serving.files import write_json
-from serving.model_source import restore_model
-from serving.model_store import STORED_FILES
 from training import registry, tracking
 from training.config import CHAMPION_FILE, Params
 

@@ -3,8 +3,8 @@ the export and gate stages to weigh against the served champion; the pipeline re
 
 import logging
 
+from common.files import read_json, write_json
 from pipelines._stage import run
-from serving.files import read_json, write_json
 from training import tracking
 from training.config import (
     CHALLENGER_FILE,

@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from common.files import read_json, write_json
 from pipelines._stage import run
-from serving.files import read_json, write_json
 from training.checkpoint import save_weights
 from training.config import CARD_FILE, CURVES_DIR, DATASET_FILE, Params, summary_path, weights_path
 from training.data import Prepared

@@ -1,20 +1,3 @@
-"""The BentoML service for the exported champion, and the file helpers the pipeline shares with it.
+"""The BentoML service for the exported champion (serving/service.py), with the shared package `common`."""
 
-Importing the package switches off the telemetry of the tools the project runs (serving/telemetry.env), where
-the environment does not say otherwise: onnxruntime's is on by default, and BentoML's, MLflow's and DVC's too.
-"""
-
-import os
-from pathlib import Path
-
-TELEMETRY_SWITCHES = Path(__file__).with_name("telemetry.env")
-
-
-def telemetry_switches() -> dict[str, str]:
-    """serving/telemetry.env's `NAME ?= value` lines (the Makefile includes the same file)."""
-    lines = (line.split("#")[0].strip() for line in TELEMETRY_SWITCHES.read_text().splitlines())
-    return {name.strip(): value.strip() for name, _, value in (line.partition("?=") for line in lines if line)}
-
-
-for _name, _value in telemetry_switches().items():
-    os.environ.setdefault(_name, _value)
+import common  # noqa: F401 -- first: it switches telemetry off before BentoML or onnxruntime loads

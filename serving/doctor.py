@@ -9,8 +9,8 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from serving.model_store import MODEL_FILES, ModelMissingError
-from serving.runtime import CPU, CUDA, ModelFileError, OnnxClassifier, choose_precision, cuda_unavailable_reason
+from common.model_store import MODEL_FILES, ModelMissingError
+from common.runtime import CPU, CUDA, ModelFileError, OnnxClassifier, choose_precision, cuda_unavailable_reason
 from serving.settings import ServingSettings
 
 PROBE_SECONDS = 3.0

@@ -22,10 +22,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from serving import registry
+from common import registry
+from common.registry import without_login
 from serving.log_records import ModelName
 from serving.metrics import MODEL_INFO, REGISTRY_ERRORS, RELOAD_FAILURES, SHADOW_DROPPED, SHADOW_FAILURES
-from serving.registry import without_login
 from serving.served import ReloadError, ServedModel, fetch_version, load_version
 from serving.settings import ServingSettings
 from serving.shadow import Shadow

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from serving.statistics import STATISTICS, input_statistics
+from common.statistics import STATISTICS, input_statistics
 
 JOURNAL_PROTOCOL = 5
 STATISTIC_DOCS = {

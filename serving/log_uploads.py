@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from common.log_layout import PREFIX
+
 log = logging.getLogger("bentoml.serving")
-PREFIX = "prediction-log"
 UPLOADED = ".uploaded"
 RETRY_S = (0.5, 1, 2, 5)  # the waits between tries of one file, the last repeated while the bucket is away
 

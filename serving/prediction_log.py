@@ -26,16 +26,13 @@ schema.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import itertools
 import logging
 import os
 import pickle
 import queue
-import re
 import secrets
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +42,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.log_layout import CHAMPION, FEEDBACK, FILE_NAME, OPEN, PART, PREDICTIONS, partition
 from serving.log_records import (
     DICTIONARY,
     JOURNAL_PROTOCOL,
@@ -60,10 +58,7 @@ log = logging.getLogger("bentoml.serving")
 FLUSH_S = 0.2  # how long records gather between two writes: one part (a future row group) per flush
 FILES_PER_LOG = 64  # a file is at most this share of the size limit, so retention deletes in small steps
 RETAIN_EVERY_S = 600  # retention also runs this often, so a quiet log ages out too
-PREDICTIONS, FEEDBACK, OPEN = "predictions", "feedback", ".open"
-PART, CLOSING, JOURNAL = ".arrow", ".closing-", "journal"  # an open file's parts; one being closed; its journal
-CHAMPION, CHALLENGER = "champion", "challenger"  # whose answers a record holds
-FILE_NAME = re.compile(r"^(?P<token>[0-9a-f]{16})-(?P<pid>\d+)-(?P<n>\d+)$")
+CLOSING, JOURNAL = ".closing-", "journal"  # an open file being closed; its journal
 FEEDBACK_SCHEMA = pa.schema(
     [("prediction_id", pa.string()), ("label", pa.int16()), ("time", pa.float64()), ("predicted_label", pa.int16())]
 )
@@ -78,17 +73,6 @@ class PredictionIds:
 
     def take(self, count: int) -> list[str]:
         return [f"{self.token}{n:016x}" for n in itertools.islice(self.sequence, count)]
-
-
-def parse_id(prediction_id: str) -> tuple[str, int]:
-    """An id's worker token and sequence number."""
-    return prediction_id[:16], int(prediction_id[16:], 16)
-
-
-def partition(root: Path, kind: str, when: float) -> Path:
-    """The folder of `kind` records written on `when`'s (UTC) date by this host."""
-    day = datetime.datetime.fromtimestamp(when, datetime.UTC).date().isoformat()
-    return root / kind / f"date={day}" / f"host={socket.gethostname()}"
 
 
 def part_tables(folder: Path) -> Iterator[pa.Table]:
@@ -289,7 +273,7 @@ class PredictionLog:
     def find(self, prediction_id: str) -> dict | None:
         """The logged prediction `prediction_id`, from this host's files (open ones included) or the bucket's,
         waiting one flush interval for one still being written somewhere."""
-        from serving.log_queries import find_prediction  # DuckDB, loaded by the first lookup, not at start
+        from common.log_queries import find_prediction  # DuckDB, loaded by the first lookup, not at start
 
         deadline = time.monotonic() + self.file_s + 2 * FLUSH_S
         while True:

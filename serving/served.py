@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from serving import registry
+from common import registry
+from common.model_store import MODEL_FILES
+from common.runtime import ModelFileError, OnnxClassifier, ProbeError
 from serving.log_records import ModelName
 from serving.metrics import MODEL_INFO, count_predictions
-from serving.model_store import MODEL_FILES
-from serving.runtime import ModelFileError, OnnxClassifier, ProbeError
 from serving.settings import ServingSettings
 
 log = logging.getLogger("bentoml.serving")

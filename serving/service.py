@@ -27,6 +27,10 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument
 from pydantic import Field
 
+from common.model_source import ensure_model
+from common.model_store import MODEL_FILES, ModelMissingError, served_record
+from common.preprocess import ImageError, open_image, to_model_input
+from common.runtime import ProviderError, choose_precision, require_cuda
 from serving.batcher import MicroBatcher
 from serving.direct import DirectPredictions
 from serving.follow import Follower
@@ -34,12 +38,8 @@ from serving.inputs import ClientError, images_to_array, parse_batch
 from serving.limits import ApiRequestGuard, HeaderLimit
 from serving.log_records import Outputs, Pending
 from serving.metrics import BATCH_SIZES, LOG_DROPPED, LOG_UPLOAD_FAILURES
-from serving.model_source import ensure_model
-from serving.model_store import MODEL_FILES, ModelMissingError, served_record
 from serving.prediction_log import PredictionIds, PredictionLog
-from serving.preprocess import ImageError, open_image, to_model_input
 from serving.routes import PREDICTION_ROUTES, build_api
-from serving.runtime import ProviderError, choose_precision, require_cuda
 from serving.schemas import VERSION_HEADER, ImageRows
 from serving.served import ServedModel, open_model
 from serving.settings import ServingSettings, SettingsError

@@ -14,9 +14,10 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.cpus import usable_cpus
-from serving.model_store import WORKSPACE, default_model_tag, in_workspace, served_record, workspace_store
-from serving.preprocess import MAX_IMAGE_PIXELS
-from serving.registry import CHALLENGER, CHAMPION
+from common.log_layout import prediction_log_dir, storage_url
+from common.model_store import default_model_tag, in_workspace, served_record, workspace_store
+from common.preprocess import MAX_IMAGE_PIXELS
+from common.registry import CHALLENGER, CHAMPION
 
 MAX_BATCH_IMAGES = 1024  # default of SERVING_MAX_BATCH_IMAGES, also stated in the OpenAPI document
 ENV_PREFIX = "SERVING_"
@@ -35,11 +36,6 @@ def cpu_count() -> int:
 def threads_per_worker(data: dict[str, Any]) -> int:
     """the usable CPUs shared out among the workers"""
     return max(1, cpu_count() // data["workers"])
-
-
-def storage_url() -> str | None:
-    """$STORAGE_URL (`make storage`'s bucket) where set; else none: the log stays in its folder"""
-    return os.environ.get("STORAGE_URL") or None
 
 
 def champion_tag() -> str:
@@ -65,13 +61,6 @@ def served_registered_model() -> str | None:
 def served_alias() -> str:
     """champion.json's `alias` (params.yaml's `mlflow.alias`), else `champion`"""
     return served_record().get("alias") or CHAMPION
-
-
-def prediction_log_dir() -> Path:
-    """`logs/predictions` in the workspace; in a built bento, `prediction_log` in BentoML's home"""
-    if in_workspace():
-        return WORKSPACE / "logs" / "predictions"
-    return Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "prediction_log"
 
 
 class ServingSettings(BaseSettings):

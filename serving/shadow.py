@@ -36,10 +36,11 @@ from typing import IO, cast
 
 import numpy as np
 
+from common.log_layout import CHALLENGER
+from common.runtime import OnnxClassifier, ProbeError
 from serving.log_records import ModelName, Outputs, Pending
 from serving.metrics import LOG_UPLOAD_FAILURES
-from serving.prediction_log import CHALLENGER, PredictionLog
-from serving.runtime import OnnxClassifier, ProbeError
+from serving.prediction_log import PredictionLog
 
 log = logging.getLogger("bentoml.serving")
 GATHER_S = 0.05  # how long requests gather before the writer thread sends them

@@ -18,9 +18,9 @@ import numpy as np
 import orjson
 import requests
 
-from serving.log_queries import read_predictions
-from serving.model_store import read_metadata
-from serving.prediction_log import CHALLENGER
+from common.log_layout import CHALLENGER
+from common.log_queries import read_predictions
+from common.model_store import read_metadata
 from tests.serving_fixtures import metric_samples
 from training import registry
 from training.export import add_metadata

@@ -129,7 +129,7 @@ def store_model(files: dict[str, Path], bentoml_home: Path) -> str:
     """Save the files ({role: file}) into the BentoML store at `bentoml_home` (in a subprocess:
     BENTOML_HOME is read at import)."""
     code = (
-        "import sys, json; from pathlib import Path; from serving.model_store import save_onnx; "
+        "import sys, json; from pathlib import Path; from common.model_store import save_onnx; "
         "files = {k: Path(v) for k, v in json.loads(sys.argv[1]).items()}; "
         "print(save_onnx(files, sys.argv[2], {'dataset': 'fashion-mnist'}))"
     )

@@ -5,7 +5,7 @@ import pytest
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
-from serving.model_store import read_metadata
+from common.model_store import read_metadata
 from tests.browser import chromium, screenshot, wait_for
 from tests.serving_fixtures import contrast_images, png, serving
 from training.export import onnx_outputs

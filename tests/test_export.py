@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.model_store import read_metadata
+from common.model_store import read_metadata
 from tests.conftest import REPO, zoo_model
 from training.config import TtaSettings, load_params
 from training.export import OUTPUT_NAMES, ParityError, ServingModel, add_metadata, check_parity, export_onnx

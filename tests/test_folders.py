@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.preprocess import MAX_IMAGE_PIXELS, image_to_input
 from monitoring.report import retrain_advice
 from pipelines import feedback_data
-from serving.preprocess import MAX_IMAGE_PIXELS, image_to_input
 from training.config import MonitorSettings, Params
 from training.data import Prepared, PreparedDataset
 from training.errors import ConfigError

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from serving.log_queries import read_predictions
+from common.log_queries import read_predictions
 from tests.browser import ARTIFACTS
 from tests.registry_fixtures import (
     REGISTERED,

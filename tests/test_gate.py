@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.runtime import gpu_present
+from common.runtime import gpu_present
 from training.config import Params
 from training.errors import ConfigError
 from training.gate import decide, judged_precision, mode

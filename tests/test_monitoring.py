@@ -18,7 +18,7 @@ import tritonclient.http as triton
 from mlflow import MlflowClient
 from selenium.webdriver.common.by import By
 
-from serving.log_queries import read_feedback, read_predictions
+from common.log_queries import read_feedback, read_predictions
 from tests.browser import ARTIFACTS, chromium, screenshot, wait_for
 from tests.conftest import REPO
 from tests.prometheus_fixtures import Prometheus

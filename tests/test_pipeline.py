@@ -255,6 +255,21 @@ def test_second_repro_runs_nothing(pipeline):
     assert "Running stage" not in log
 
 
+def test_an_edit_to_the_service_alone_reruns_no_stage(pipeline):
+    """Stages import `training` and `common`, never `serving`: with every serving file edited, each stage is
+    still up to date."""
+    repo, env, _ = pipeline
+    originals = {path: path.read_bytes() for path in (repo / "serving").rglob("*.py")}
+    try:
+        for path, text in originals.items():
+            path.write_bytes(text + b"\n# edited\n")
+        log = run([str(VENV_BIN / "dvc"), "status"], repo, env)
+        assert "Data and pipelines are up to date." in log, log
+    finally:
+        for path, text in originals.items():
+            path.write_bytes(text)
+
+
 def test_dvc_exp_run_in_a_temp_copy_logs_to_the_repo_store(pipeline):
     """`dvc exp run --temp` works in .dvc/tmp/exps/...; its runs still land in <repo>/mlflow.db."""
     repo, env, _ = pipeline

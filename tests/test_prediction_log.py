@@ -14,12 +14,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from serving.log_queries import find_prediction, read_feedback, read_labels, read_predictions
+from common.log_layout import CHALLENGER, OPEN
+from common.log_queries import find_prediction, read_feedback, read_labels, read_predictions
 from serving.log_records import SCHEMA, ModelName, Outputs, Pending
 from serving.prediction_log import (
-    CHALLENGER,
     FLUSH_S,
-    OPEN,
     PredictionIds,
     PredictionLog,
     closed_files,

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.phone_photos import phone_photo
-from serving.preprocess import MAX_IMAGE_PIXELS, ImageError, image_to_input
+from common.preprocess import MAX_IMAGE_PIXELS, ImageError, image_to_input
 
 
 def model_input(data: bytes, fit: int = 28) -> np.ndarray:

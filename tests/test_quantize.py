@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from serving.model_store import read_metadata
+from common.model_store import read_metadata
 from tests.serving_fixtures import contrast_images, export_small, small_net
 from training.export import onnx_outputs
 from training.ood import auroc

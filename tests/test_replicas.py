@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from benchmarks.local_server import free_port
-from serving.log_queries import count_predictions, read_predictions
+from common.log_queries import count_predictions, read_predictions
 from tests.conftest import REPO
 from tests.prometheus_fixtures import Prometheus
 from tests.serving_fixtures import MODEL_NAME, png

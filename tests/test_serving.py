@@ -17,7 +17,7 @@ from PIL import Image
 
 from benchmarks.local_server import LocalServer
 from benchmarks.phone_photos import phone_photo
-from serving.model_store import read_metadata
+from common.model_store import read_metadata
 from tests.lock_fixtures import REQUIREMENTS, pinned, unlocked_or_missing
 from tests.serving_fixtures import MODEL_NAME, metric_samples, png, serving
 
@@ -442,6 +442,8 @@ def test_bentoml_build_packages_the_model_and_the_bento_serves(model, tmp_path):
     # the container image BentoML generates for the bento switches to an unprivileged user
     name, version = tag.split(":")
     bento = model["home"] / "bentos" / name / version
+    code = {path.relative_to(bento / "src").parts[0] for path in (bento / "src").rglob("*.py")}
+    assert code == {"serving", "common"}, code  # the service and the package it shares with training, no more
     # it installs exactly the versions of uv.lock: every package pinned, none it pulls in left out
     pins = pinned((bento / "env" / "python" / "requirements.txt").read_text())
     assert pins == pinned(REQUIREMENTS.read_text()) and unlocked_or_missing(pins) == []

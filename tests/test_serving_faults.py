@@ -15,7 +15,7 @@ import requests
 from PIL import Image
 
 from benchmarks.local_server import REPO, LocalServer
-from serving.runtime import gpu_present
+from common.runtime import gpu_present
 from tests.serving_fixtures import png, serve, store_model
 
 pytestmark = pytest.mark.slow

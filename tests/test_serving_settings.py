@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from serving.runtime import ModelFileError, ProviderError, choose_precision
+from common.runtime import ModelFileError, ProviderError, choose_precision
 from serving.settings import MAX_BATCH_IMAGES, ServingSettings, SettingsError
 
 

@@ -83,6 +83,27 @@ def test_stage_depends_on_every_project_file_it_imports_and_no_other(name):
 
 def test_the_closure_follows_imports_through_packages_and_functions(tmp_path):
     """The walk itself: export's lazy import of the BentoML store inside a function counts."""
-    assert "serving/model_store.py" in import_closure("pipelines.export")
+    assert "common/model_store.py" in import_closure("pipelines.export")
     assert {"pipelines/__init__.py", "pipelines/fetch.py"} <= import_closure("pipelines.fetch")
     assert module_file("numpy") is None and module_file("training.no_such_module") is None
+
+
+# what each package may not import: training and serving share `common`, which imports neither
+FORBIDDEN = {
+    "common": ("serving", "training", "pipelines"),
+    "serving": ("training", "pipelines"),
+    "training": ("serving",),
+    "pipelines": ("serving",),
+}
+DOCUMENTS_BOTH = "pipelines/docs.py"  # renders the docs of both sides (the service's settings too); not a stage
+
+
+def test_training_and_serving_share_common_and_never_import_each_other():
+    crossing = {}
+    for package, forbidden in FORBIDDEN.items():
+        for path in sorted((REPO / package).rglob("*.py")):
+            names = {m for m in imported_modules(path) if m.split(".")[0] in forbidden}
+            if names and path.relative_to(REPO).as_posix() != DOCUMENTS_BOTH:
+                crossing[path.relative_to(REPO).as_posix()] = sorted(names)
+    assert crossing == {}
+    assert not any(dep.startswith("serving/") for stage in stages().values() for dep in stage.get("deps", []))

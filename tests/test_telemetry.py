@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from benchmarks.local_server import free_port
-from serving import telemetry_switches
+from common import telemetry_switches
 from tests.conftest import copy_repo
 from tests.pipeline_fixtures import VENV_BIN, make_target, stage_env, tiny_params
 from tests.serving_fixtures import MODEL_NAME, png

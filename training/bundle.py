@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.model_store import INT8_FILE, ONNX_FILE, REFERENCE_FILE
-from serving.probe import METADATA_KEY as PROBE_KEY
-from serving.probe import PROBE_IMAGES, probe_record
-from serving.statistics import input_statistics
+from common.model_store import INT8_FILE, ONNX_FILE, REFERENCE_FILE
+from common.probe import METADATA_KEY as PROBE_KEY
+from common.probe import PROBE_IMAGES, probe_record
+from common.statistics import input_statistics
 from training.config import ExportSettings
 from training.data import Prepared, save_npz
 from training.export import ServingModel, add_metadata, check_parity, export_onnx, onnx_outputs
@@ -29,7 +29,7 @@ REFERENCE_OUTPUTS = ("probabilities", "ood_score", "embedding")
 
 @dataclass
 class Bundle:
-    files: dict[str, Path]  # by role: fp32, int8, reference (serving.model_store.STORED_FILES)
+    files: dict[str, Path]  # by role: fp32, int8, reference (common.model_store.STORED_FILES)
     figures: dict[str, dict]  # onnx_parity, int8_gate, ood (per precision)
 
 

@@ -17,7 +17,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from serving.files import sha256_file
+from common.files import sha256_file
 from training.datasets import DatasetSpec
 from training.errors import PipelineError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.preprocess import MAX_IMAGE_PIXELS, ImageError, image_to_input
+from common.preprocess import MAX_IMAGE_PIXELS, ImageError, image_to_input
 from training.config import FEEDBACK_DIR, DataSettings
 from training.data import (
     SPLITS,

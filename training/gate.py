@@ -13,8 +13,8 @@ from typing import get_args
 
 import numpy as np
 
-from serving.model_store import MODEL_FILES
-from serving.runtime import choose_precision
+from common.model_store import MODEL_FILES
+from common.runtime import choose_precision
 from training.config import GateMode, GateSettings
 from training.data import Prepared
 from training.errors import ConfigError

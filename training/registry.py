@@ -10,9 +10,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from serving.files import sha256_file
-from serving.model_store import STORED_FILES
-from serving.registry import (
+from common.files import sha256_file
+from common.model_store import STORED_FILES
+from common.registry import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,

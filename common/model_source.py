@@ -11,8 +11,8 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
-from serving import registry
-from serving.model_store import (
+from common import registry
+from common.model_store import (
     EXPORT_RECORD,
     STORED_FILES,
     ModelMissingError,

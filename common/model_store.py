@@ -9,7 +9,7 @@ from typing import Any
 
 import bentoml
 
-from serving.files import sha256_file
+from common.files import sha256_file
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"

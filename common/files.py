@@ -1,6 +1,4 @@
-"""File helpers shared by the pipeline and the service: checksums, JSON, atomic writes.
-
-They live in serving/ because a bento ships serving/ alone; the pipeline imports them from here."""
+"""File helpers shared by the pipeline and the service: checksums, JSON, atomic writes."""
 
 from __future__ import annotations
 

@@ -11,10 +11,10 @@ import subprocess
 import numpy as np
 import onnxruntime as ort
 
-from serving.files import sha256_file
-from serving.model_store import decode_metadata
-from serving.probe import METADATA_KEY as PROBE_KEY
-from serving.probe import probe_images, probe_mismatch
+from common.files import sha256_file
+from common.model_store import decode_metadata
+from common.probe import METADATA_KEY as PROBE_KEY
+from common.probe import probe_images, probe_mismatch
 
 log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
@@ -221,7 +221,7 @@ class OnnxClassifier:
         self.check_probe(path)
 
     def check_probe(self, path: str) -> None:
-        """Refuse a file that does not answer its probe batch as it did at export (serving.probe)."""
+        """Refuse a file that does not answer its probe batch as it did at export (common.probe)."""
         recorded = self.metadata.get(PROBE_KEY)
         if recorded is None:
             log.warning("%s records no probe batch: its answers on this machine are not checked", path)

@@ -15,9 +15,19 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from serving.log_uploads import PREFIX
-from serving.prediction_log import CHAMPION, FEEDBACK, FILE_NAME, OPEN, PART, PREDICTIONS, parse_id
-from serving.statistics import STATISTICS
+from common.log_layout import (
+    CHAMPION,
+    FEEDBACK,
+    FILE_NAME,
+    OPEN,
+    PART,
+    PREDICTIONS,
+    PREFIX,
+    parse_id,
+    prediction_log_dir,
+    storage_url,
+)
+from common.statistics import STATISTICS
 
 Location = Path | str  # a local folder, or an s3:// URL
 LOG_DIR_HELP = (
@@ -48,11 +58,10 @@ def location(text: str) -> Location:
 
 
 def default_location() -> Location:
-    """The service's own: SERVING_PREDICTION_LOG_BUCKET (STORAGE_URL) where set, else its folder."""
-    from serving.settings import ServingSettings
-
-    settings = ServingSettings.from_env()
-    return log_location(settings.prediction_log_dir, settings.prediction_log_bucket)
+    """The service's own, as its settings say: SERVING_PREDICTION_LOG_BUCKET (default STORAGE_URL) where set, else
+    SERVING_PREDICTION_LOG_DIR (default logs/predictions in the workspace)."""
+    folder = os.environ.get("SERVING_PREDICTION_LOG_DIR") or prediction_log_dir()
+    return log_location(Path(folder), os.environ.get("SERVING_PREDICTION_LOG_BUCKET") or storage_url())
 
 
 def bucket_settings() -> tuple[tuple[str, str], ...]:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.model_store import STORED_FILES
+from common.model_store import STORED_FILES
 
 CHAMPION = "champion"  # the alias the service serves, as params.yaml's mlflow.alias names it by default
 CHALLENGER = "challenger"  # a version tried on live traffic beside the champion (shadow), not yet served
@@ -101,7 +101,7 @@ def download(name: str, version: Version, roles: tuple[str, ...], folder: Path) 
 
 def verify(name: str, version: Version, files: dict[str, Path]) -> None:
     """Raise ChecksumError unless every file has the sha256 its version records."""
-    from serving.files import sha256_file
+    from common.files import sha256_file
 
     for role, path in files.items():
         expected = version.sha256(role)
