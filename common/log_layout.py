@@ -3,7 +3,7 @@
 
     predictions/date=<UTC day>/host=<host>/<token>-<pid>-<n>.parquet    closed files, one row group per flush
     feedback/date=<UTC day>/host=<host>/<token>-<pid>-<n>.parquet       one label each
-    .open/<token>-<pid>-<n>/                                            a worker's open file: parts and journal
+    .open/<token>-<pid>-<n>/journal                                     a worker's open file
 
 The same keys below `prediction-log/` in the bucket. A prediction id is the worker's random 64-bit token and a
 sequence number, so an id names the files that may hold it.
@@ -20,7 +20,7 @@ from pathlib import Path
 from common.model_store import WORKSPACE, in_workspace
 
 PREDICTIONS, FEEDBACK, OPEN = "predictions", "feedback", ".open"
-PART = ".arrow"  # an open file's parts
+JOURNAL = "journal"  # an open file's records, as its worker appends them
 PREFIX = "prediction-log"  # the log's keys in the bucket
 CHAMPION, CHALLENGER = "champion", "challenger"  # whose answers a record holds
 FILE_NAME = re.compile(r"^(?P<token>[0-9a-f]{16})-(?P<pid>\d+)-(?P<n>\d+)$")

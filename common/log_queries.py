@@ -19,14 +19,15 @@ from common.log_layout import (
     CHAMPION,
     FEEDBACK,
     FILE_NAME,
+    JOURNAL,
     OPEN,
-    PART,
     PREDICTIONS,
     PREFIX,
     parse_id,
     prediction_log_dir,
     storage_url,
 )
+from common.log_records import SCHEMA, journal_tables
 from common.statistics import STATISTICS
 
 Location = Path | str  # a local folder, or an s3:// URL
@@ -96,30 +97,29 @@ def connect(where: Location) -> duckdb.DuckDBPyConnection:
 
 def sources(where: Location, kind: str, token: str | None = None) -> tuple[list[str], list[Path]]:
     """The closed files of `kind` (predictions or feedback), those of one worker's `token` only where given (in the
-    bucket, a glob), and in a folder the parts of its open prediction files."""
+    bucket, a glob), and in a folder the journals of its open prediction files."""
     name = f"{token}-*.parquet" if token else "*.parquet"
     if in_bucket(where):
         return [f"{str(where).rstrip('/')}/{kind}/*/*/{name}"], []
     root = Path(where)
     closed = [p for p in root.glob(f"{kind}/*/*/{name}") if FILE_NAME.match(p.name.removesuffix(".parquet"))]
-    parts: list[Path] = []
+    journals: list[Path] = []
     if kind == PREDICTIONS:
         open_files = [p for p in root.glob(f"{OPEN}/{token or ''}*") if FILE_NAME.match(p.name)]
-        parts = sorted(part for folder in open_files for part in folder.glob(f"[0-9]*{PART}"))
-    return sorted(str(p) for p in closed), parts
+        journals = sorted(folder / JOURNAL for folder in open_files)
+    return sorted(str(p) for p in closed), journals
 
 
-def open_parts(parts: list[Path]) -> pa.Table | None:
-    """The parts still there (a closing writer moves them), as one table with their file name and row numbers,
-    as DuckDB's reader adds them to the closed files' rows."""
+def open_records(journals: list[Path]) -> pa.Table | None:
+    """The records of the journals still there (a closing writer moves them), as one table with their file name
+    and row numbers, as DuckDB's reader adds them to the closed files' rows."""
     tables = []
-    for part in parts:
+    for journal in journals:
         try:
-            with pa.memory_map(str(part)) as source:
-                table = pa.ipc.open_file(source).read_all()
-        except (FileNotFoundError, pa.ArrowInvalid):
+            table = pa.concat_tables(list(journal_tables(journal)) or [SCHEMA.empty_table()])
+        except FileNotFoundError:
             continue
-        table = table.append_column("filename", pa.array([str(part)] * len(table), pa.string()))
+        table = table.append_column("filename", pa.array([str(journal)] * len(table), pa.string()))
         tables.append(table.append_column("file_row_number", pa.array(range(len(table)), pa.int64())))
     return pa.concat_tables(tables) if tables else None
 
@@ -128,8 +128,8 @@ def query(where: Location, kind: str, columns: str, tail: str = "", parameters: 
     """`SELECT columns FROM <the files> tail` as an Arrow table, or None where there are no files. A local file
     that retention or a closing writer moves meanwhile: the listing is taken again."""
     for _ in range(3):
-        files, parts = sources(where, kind, token)
-        open_rows = open_parts(parts)
+        files, journals = sources(where, kind, token)
+        open_rows = open_records(journals)
         if not files and open_rows is None:
             return None
         connection = connect(where)

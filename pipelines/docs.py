@@ -167,7 +167,7 @@ def serving_settings(root: Path) -> str:
 
 def log_schema(root: Path) -> str:
     """The prediction log's columns, from the schema its writer uses."""
-    from serving.log_records import schema_table
+    from common.log_records import schema_table
 
     return schema_table()
 

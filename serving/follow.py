@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common import registry
+from common.log_records import ModelName
 from common.registry import without_login
-from serving.log_records import ModelName
 from serving.metrics import MODEL_INFO, REGISTRY_ERRORS, RELOAD_FAILURES, SHADOW_DROPPED, SHADOW_FAILURES
 from serving.served import ReloadError, ServedModel, fetch_version, load_version
 from serving.settings import ServingSettings

@@ -1,26 +1,19 @@
 """The prediction log: one record per answer, as Parquet files any engine reads (DuckDB, pandas, Spark), written
-off the request path, never slowing or failing one.
+off the request path, never slowing or failing one. common/log_layout.py names its files; common/log_records.py
+holds the schema, the records and the journal's entries; docs/monitoring.md documents them.
 
-Layout, hive-style (a folder per date and host), the same in the log's folder and, where storage is set, in the
-bucket under `prediction-log/` (serving/log_uploads.py):
-
-    predictions/date=2026-12-06/host=<host>/<token>-<pid>-<n>.parquet    one row group per flush
-    feedback/date=2026-12-06/host=<host>/<token>-<pid>-<n>.parquet       one label each
-
-Each worker process writes its own files, never one another process writes. A prediction id is the worker's
-random 64-bit token and a sequence number, so an id names the files that may hold it. Before a request's answer
-leaves, its records are appended to the open file's journal (`.open/<token>-<pid>-<n>/journal`: handed to the
-operating system, so a killed process loses none of the answers it gave) and queued; a writer thread stores what
-gathered every FLUSH_S as one part of the open file (uncompressed Arrow IPC, which this host's readers read at
-once), and every `file_s` seconds, or past a size, closes it: its parts become one Parquet file of one row group
-each, under the date of its first record, then uploaded. The next start on the host closes a killed worker's
-open file from its journal. A closed file is what other hosts see: a prediction served
-elsewhere can be labelled once its worker's flush interval (`file_s`) has passed. A full queue or a failing disk
-drops records, counted (`on_drop`) and warned about once. Records name the model that answered and its role:
-`champion` records are the answers the service gave; `challenger` records, written by the shadow process, are
-what the challenger would have answered for the same prediction ids. Retention, by size and by age over the
-local folder, deletes the oldest closed files, those not yet uploaded last. docs/monitoring.md documents the
-schema.
+Each worker process writes its own files, never one another process writes. Before a request's answer leaves,
+its records are appended to the journal of the worker's open file (`.open/<token>-<pid>-<n>/journal`: handed to
+the operating system, so a killed process loses none of the answers it gave, and this host's readers read it at
+once) and kept in memory; every `file_s` seconds, or past a size, a writer thread closes the file: its records
+become one Parquet file of row groups of ROW_GROUP_REQUESTS requests, under the date of its first record, then
+uploaded (serving/log_uploads.py). The next start on the host closes a killed worker's open file from its
+journal. A closed file is what other hosts see: a prediction served elsewhere can be labelled once its worker's
+file has closed. Records past `queue_requests` waiting for the writer, or a failing disk, are dropped, counted
+(`on_drop`) and warned about once. Records name the model that answered and its role: `champion` records are the
+answers the service gave; `challenger` records, written by the shadow process, are what the challenger would have
+answered for the same prediction ids. Retention, by size and by age over the local folder, deletes the oldest
+closed files, those not yet uploaded last.
 """
 
 from __future__ import annotations
@@ -29,8 +22,6 @@ import contextlib
 import itertools
 import logging
 import os
-import pickle
-import queue
 import secrets
 import shutil
 import threading
@@ -42,23 +33,25 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.log_layout import CHAMPION, FEEDBACK, FILE_NAME, OPEN, PART, PREDICTIONS, partition
-from serving.log_records import (
+from common.log_layout import CHAMPION, FEEDBACK, FILE_NAME, JOURNAL, OPEN, PREDICTIONS, partition
+from common.log_records import (
     DICTIONARY,
-    JOURNAL_PROTOCOL,
     SCHEMA,
     Pending,
     journal_entry,
+    journal_header,
     journal_tables,
     records_table,
 )
 from serving.log_uploads import UPLOADED, Uploader
 
 log = logging.getLogger("bentoml.serving")
-FLUSH_S = 0.2  # how long records gather between two writes: one part (a future row group) per flush
+FLUSH_S = 0.2  # how often the writer looks for a file to close
+ROW_GROUP_REQUESTS = 512  # requests per row group of a closed file
+COMPRESSION = "lz4"  # half zstd's CPU for a fifth more bytes: the log is written on the serving CPUs
 FILES_PER_LOG = 64  # a file is at most this share of the size limit, so retention deletes in small steps
 RETAIN_EVERY_S = 600  # retention also runs this often, so a quiet log ages out too
-CLOSING, JOURNAL = ".closing-", "journal"  # an open file being closed; its journal
+CLOSING = ".closing-"  # an open file being closed
 FEEDBACK_SCHEMA = pa.schema(
     [("prediction_id", pa.string()), ("label", pa.int16()), ("time", pa.float64()), ("predicted_label", pa.int16())]
 )
@@ -73,12 +66,6 @@ class PredictionIds:
 
     def take(self, count: int) -> list[str]:
         return [f"{self.token}{n:016x}" for n in itertools.islice(self.sequence, count)]
-
-
-def part_tables(folder: Path) -> Iterator[pa.Table]:
-    for part in sorted(folder.glob(f"[0-9]*{PART}")):
-        with pa.memory_map(str(part)) as source:
-            yield pa.ipc.open_file(source).read_all()
 
 
 @contextlib.contextmanager
@@ -96,16 +83,13 @@ def published(target: Path) -> Iterator[Path]:
 
 @dataclass(eq=False)
 class OpenFile:
-    """A file being written: its folder of parts and journal, the journal's descriptor, what was journalled
-    (requests, bytes) and how many of those requests the writer has taken from the queue."""
+    """A file being written: its folder, its journal's descriptor and size, and the requests it holds."""
 
     folder: Path
     journal: int
     opened_at: float = field(default_factory=time.monotonic)
-    requests: int = 0
     bytes: int = 0
-    taken: int = 0
-    parts: int = 0
+    requests: list[Pending] = field(default_factory=list)
 
 
 class PredictionLog:
@@ -125,23 +109,23 @@ class PredictionLog:
         on_upload_failure: Callable[[], None] = lambda: None,
     ):
         self.root, self.name = root, f"{token}-{os.getpid()}"
-        self.header = (role, class_names, keep_inputs)  # how records_table makes records of what the journal holds
-        self.max_bytes, self.max_age_s, self.file_s = max_bytes, max_age_s, file_s
+        self.header = (role, class_names, keep_inputs)
+        self.max_waiting, self.max_bytes, self.max_age_s, self.file_s = queue_requests, max_bytes, max_age_s, file_s
         self.file_bytes = max(1 << 20, max_bytes // FILES_PER_LOG)
         self.on_drop = on_drop
         self.uploader = Uploader(root, storage_url, on_upload_failure) if storage_url else None
-        self.queue: queue.Queue[tuple[OpenFile, Pending] | None] = queue.Queue(queue_requests)
         self.numbers = itertools.count()
-        self.lock = threading.Lock()  # the open file, as requests journal into it and the writer closes it
+        self.lock = threading.Lock()  # the open file, as requests journal into it and the writer takes it
         self.current: OpenFile | None = None
-        self.closing: list[OpenFile] = []  # closed to requests, still in the queue
+        self.waiting = 0  # requests journalled and not yet in a closed file
+        self.stopping = threading.Event()
         self.feedback_lock = threading.Lock()
         self.warned = False
         self.next_retention = 0.0
         for folder in sorted((root / OPEN).glob("*")):  # a killed writer's open file: closed for it
             if not writer_alive(folder.name.removeprefix(CLOSING)):
                 with contextlib.suppress(OSError):
-                    self._close(folder, recovering=True)
+                    self._close(folder)
         if self.uploader is not None:  # what a process before this one closed and never uploaded
             closed = [*root.glob(f"{PREDICTIONS}/*/*/*.parquet"), *root.glob(f"{FEEDBACK}/*/*/*.parquet")]
             self.uploader.resume(sorted(p for p in closed if not writer_alive(p.name)))
@@ -151,12 +135,12 @@ class PredictionLog:
     # the event loop's side: one call per request, never waiting on the writer
 
     def record(self, pending: Pending) -> None:
-        """Journal a request's records, then queue them for the writer; dropped (and counted) when the queue is
-        full or the disk fails."""
+        """Journal a request's records and hold them for the writer; dropped (and counted) past `queue_requests`
+        waiting or when the disk fails."""
         entry = journal_entry(pending)
         with self.lock:
-            if self.queue.full():
-                self._dropped(len(pending.ids), f"its queue is full ({self.queue.maxsize} requests)")
+            if self.waiting >= self.max_waiting:
+                self._dropped(len(pending.ids), f"its queue is full ({self.max_waiting} requests)")
                 return
             try:
                 file = self.current if self.current is not None else self._open_file()
@@ -164,27 +148,25 @@ class PredictionLog:
             except OSError as exc:
                 self._dropped(len(pending.ids), f"writing {self.root} failed: {exc}")
                 return
-            if written != len(entry):  # a full disk: the torn entry ends the journal, so the file closes here
-                self.closing.append(file)
+            file.bytes += written
+            if written != len(entry):  # a full disk: the torn entry ends the journal, so the file ends here
                 self.current = None
                 self._dropped(len(pending.ids), f"writing {self.root} failed: the disk is full")
                 return
-            file.requests += 1
-            file.bytes += written
-            self.queue.put_nowait((file, pending))
+            file.requests.append(pending)
+            self.waiting += 1
 
     def _open_file(self) -> OpenFile:
         folder = self.root / OPEN / f"{self.name}-{next(self.numbers)}"
         folder.mkdir(parents=True, exist_ok=True)
         journal = os.open(folder / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(journal, pickle.dumps(self.header, JOURNAL_PROTOCOL))
+        os.write(journal, journal_header(*self.header))
         self.current = OpenFile(folder, journal)
         return self.current
 
     def close(self) -> None:
-        """Write what is queued, close the open file, upload what is closed (a few seconds at most), then stop."""
-        with contextlib.suppress(queue.Full):
-            self.queue.put(None, timeout=5)
+        """Close the open file, upload what is closed (a few seconds at most), then stop."""
+        self.stopping.set()
         self.writer.join(timeout=10)
         if self.uploader is not None:
             self.uploader.close(timeout=10)
@@ -199,67 +181,48 @@ class PredictionLog:
 
     def _write_forever(self) -> None:
         while True:
-            try:
-                batch = [self.queue.get(timeout=FLUSH_S)]
-            except queue.Empty:
-                batch = []
-            while len(batch) < 512:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in batch
-            for file, group in itertools.groupby((item for item in batch if item is not None), lambda i: i[0]):
-                pending = [p for _, p in group]
-                try:
-                    self._write_part(file, records_table(pending, *self.header))
-                except OSError as exc:
-                    self._dropped(sum(len(p.ids) for p in pending), f"writing {self.root} failed: {exc}")
-                file.taken += len(pending)
+            stop = self.stopping.wait(FLUSH_S)
             with self.lock:
                 file = self.current
-                if file is not None and (
+                due = file is not None and (
                     stop or time.monotonic() - file.opened_at >= self.file_s or file.bytes > self.file_bytes
-                ):
-                    self.closing.append(file)
+                )
+                if due:
                     self.current = None
-            for file in [f for f in self.closing if f.taken == f.requests]:  # all its records in its parts
-                self.closing.remove(file)
+            if due and file is not None:  # every record it holds is in its journal; no request adds one now
                 os.close(file.journal)
-                self.next_retention = 0.0  # right after a file closes
+                requests = file.requests
                 try:
-                    self._close(file.folder)
-                except OSError as exc:  # its folder stays: the next start on this host closes it
+                    self._close(file.folder, requests)
+                except OSError as exc:  # its folder stays: the next start on this host closes it from its journal
                     log.warning("prediction log: closing %s failed: %s", file.folder, exc)
+                with self.lock:
+                    self.waiting -= len(requests)
+                self.next_retention = 0.0  # right after a file closes
             if time.monotonic() > self.next_retention:  # apart from the write: it never drops a record
                 self.next_retention = time.monotonic() + RETAIN_EVERY_S
                 with contextlib.suppress(OSError):
                     retain(self.root, self.max_bytes, self.max_age_s, self.uploader is not None, self.on_drop)
-            if stop:  # a file with records still queued stays open: the next start closes it from its journal
+            if stop:  # a record journalled after this stays in an open file: the next start closes it
                 return
-            time.sleep(FLUSH_S)
 
-    def _write_part(self, file: OpenFile, table: pa.Table) -> None:
-        """One flush's records, as the open file's next part: an Arrow IPC file, uncompressed; the Parquet
-        encoding happens once, when the file closes."""
-        with published(file.folder / f"{file.parts:06d}{PART}") as hidden, pa.ipc.new_file(hidden, SCHEMA) as out:
-            out.write_table(table)
-        file.parts += 1
-
-    def _close(self, folder: Path, recovering: bool = False) -> None:
-        """An open file as one closed file, a row group per part (or, for a killed writer's, from its journal),
-        under the date of its first record; then queued for upload. Its folder is hidden as soon as this
-        starts; the closed file is the same whichever start closes it."""
+    def _close(self, folder: Path, requests: list[Pending] | None = None) -> None:
+        """An open file's records (`requests`, or a killed writer's from its journal) as one closed file under
+        the date of its first record, then queued for upload; its folder is hidden from readers as this starts
+        and deleted once the closed file is in place. Whichever start closes it, the closed file is the same."""
         name = folder.name.removeprefix(CLOSING)
         closing = folder if folder.name.startswith(CLOSING) else folder.rename(folder.with_name(CLOSING + name))
-        journal = closing / JOURNAL
-        tables = journal_tables(journal) if recovering and journal.exists() else part_tables(closing)
+        if requests is None:
+            tables = journal_tables(closing / JOURNAL, ROW_GROUP_REQUESTS)
+        else:
+            groups = (requests[i : i + ROW_GROUP_REQUESTS] for i in range(0, len(requests), ROW_GROUP_REQUESTS))
+            tables = (records_table(group, *self.header) for group in groups)
         first = next(tables, None)
         if first is not None:
             target = partition(self.root, PREDICTIONS, first["time"][0].as_py()) / f"{name}.parquet"
             with (
                 published(target) as hidden,
-                pq.ParquetWriter(hidden, SCHEMA, compression="zstd", use_dictionary=DICTIONARY) as writer,
+                pq.ParquetWriter(hidden, SCHEMA, compression=COMPRESSION, use_dictionary=DICTIONARY) as writer,
             ):
                 writer.write_table(first)
                 for table in tables:

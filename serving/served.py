@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from common import registry
+from common.log_records import ModelName
 from common.model_store import MODEL_FILES
 from common.runtime import ModelFileError, OnnxClassifier, ProbeError
-from serving.log_records import ModelName
 from serving.metrics import MODEL_INFO, count_predictions
 from serving.settings import ServingSettings
 

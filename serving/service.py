@@ -27,6 +27,7 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument
 from pydantic import Field
 
+from common.log_records import Outputs, Pending
 from common.model_source import ensure_model
 from common.model_store import MODEL_FILES, ModelMissingError, served_record
 from common.preprocess import ImageError, open_image, to_model_input
@@ -36,7 +37,6 @@ from serving.direct import DirectPredictions
 from serving.follow import Follower
 from serving.inputs import ClientError, images_to_array, parse_batch
 from serving.limits import ApiRequestGuard, HeaderLimit
-from serving.log_records import Outputs, Pending
 from serving.metrics import BATCH_SIZES, LOG_DROPPED, LOG_UPLOAD_FAILURES
 from serving.prediction_log import PredictionIds, PredictionLog
 from serving.routes import PREDICTION_ROUTES, build_api

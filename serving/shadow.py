@@ -37,8 +37,8 @@ from typing import IO, cast
 import numpy as np
 
 from common.log_layout import CHALLENGER
+from common.log_records import ModelName, Outputs, Pending
 from common.runtime import OnnxClassifier, ProbeError
-from serving.log_records import ModelName, Outputs, Pending
 from serving.metrics import LOG_UPLOAD_FAILURES
 from serving.prediction_log import PredictionLog
 

@@ -185,6 +185,11 @@ def unpacked(value: Packed, dtype: type) -> np.ndarray:
     return np.frombuffer(data, dtype).reshape(shape)
 
 
+def journal_header(role: str, class_names: list[str], keep_inputs: bool) -> bytes:
+    """A journal's first entry: what records_table needs besides the requests."""
+    return pickle.dumps((role, class_names, keep_inputs), JOURNAL_PROTOCOL)
+
+
 def journal_entry(p: Pending) -> bytes:
     """A request's records as the journal holds them: a pickled tuple of Python values and byte strings only,
     about a microsecond to make."""
@@ -223,7 +228,8 @@ class JournalReader(pickle.Unpickler):
 
 
 def journal_tables(path: Path, requests: int = 512) -> Iterator[pa.Table]:
-    """A journal's records, `requests` at a time; a torn last entry (the disk filled mid-write) ends it."""
+    """A journal's records, `requests` at a time; a torn last entry (one being written, or the disk filled
+    mid-write) ends it."""
     with open(path, "rb") as source:
         reader = JournalReader(source)
         try:
