@@ -235,7 +235,7 @@ class PredictionLog:
 
     def find(self, prediction_id: str) -> dict | None:
         """The logged prediction `prediction_id`, from this host's files (open ones included) or the bucket's,
-        waiting one flush interval for one still being written somewhere."""
+        waiting for a file still open elsewhere to close (`file_s` and two polls of its writer)."""
         from common.log_queries import find_prediction  # DuckDB, loaded by the first lookup, not at start
 
         deadline = time.monotonic() + self.file_s + 2 * FLUSH_S
