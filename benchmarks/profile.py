@@ -38,12 +38,12 @@ LAYERS = {
     "multipart parsing": ["multipart", "formparsers.py"],
     "JSON and validation": ["/json/", "orjson", "/pydantic", "serving/inputs.py"],
     "metrics": ["prometheus_client", "serving/metrics.py"],
-    "prediction log": ["serving/prediction_log.py", "sqlite3", "/numpy/lib/_npyio"],
+    "prediction log": ["serving/prediction_log.py", "common/log_records.py", "serving/log_uploads.py", "/pyarrow/"],
     "batching": ["serving/batcher.py"],
     "shadow and registry": ["serving/shadow.py", "serving/follow.py"],
     "HTTP parsing": ["/h11/", "httptools", "uvicorn/protocols"],
     "routing and middleware": ["/starlette/", "/bentoml/", "/_bentoml_impl/", "/_bentoml_sdk/", "/fastapi/"],
-    "our request handling": ["serving/"],
+    "our request handling": ["serving/", "common/"],
     "event loop": ["asyncio", "uvloop", "selectors.py", "/anyio/"],
 }
 FRAME = re.compile(r"\((?P<file>[^:()]+)(?::\d+)?\)$")
