@@ -126,8 +126,9 @@ class ServingSettings(BaseSettings):
     )
     prediction_log_queue: PositiveInt = Field(
         10_000,
-        description="requests whose records may wait for the writer (a second or more of traffic, about 1 kB each: "
-        "a file closing is a burst of the writer's work); past that they are dropped, and counted",
+        description="requests a worker holds in memory until their file closes (the open file's, about 1.5 kB "
+        "each, and the one closing's: more than SERVING_PREDICTION_LOG_FILE_S of its traffic); past that they are "
+        "dropped, and counted",
     )
     prediction_log_max_mb: PositiveInt = Field(
         1024, description="the log's size, all workers together; the oldest records are deleted past it"
