@@ -3,9 +3,10 @@ own (a network namespace with its own address and hostname, joined to this machi
 in front with deploy/nginx.conf, Debian's Prometheus scraping both, SeaweedFS (as `make storage` runs it) as
 the store of their prediction logs. 60 s of bounded load through nginx; one replica killed with SIGKILL at 15 s
 (and started again, as a supervisor would, after the load); the store stopped from 30 s to 50 s. Then: every
-answer 200, the bucket holds each answer's record exactly once (DuckDB), the killed replica's included, labels
-for 200 predictions of both replicas posted through nginx are all accepted, and `make monitor` on the bucket
-reports their true accuracy."""
+answer 200 (but a request the killed replica was answering at the kill, which nginx cannot retry), the bucket
+holds each 200 answer's record exactly once (DuckDB), the killed replica's included, labels for 200
+predictions of both replicas posted through nginx are all accepted, and `make monitor` on the bucket reports
+their true accuracy."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ REPLICAS = {"replica-1": f"{SUBNET}.2", "replica-2": f"{SUBNET}.3"}
 PORT = 3000
 CLIENTS = 8
 LOAD_S, KILL_AT_S, STORE_DOWN_S = 60, 15, (30, 50)
+IN_FLIGHT_S = 5  # a request the killed replica had begun to answer fails within this of the kill: nginx retries
+# a request only until its answer has begun to reach the client
 TOKEN = "a-feedback-token-for-tests"
 
 
@@ -213,6 +216,7 @@ def test_two_replicas_behind_nginx_survive_a_killed_replica_and_a_store_outage(s
                 started = time.monotonic()
                 load = Load(url, images)
                 time.sleep(KILL_AT_S)
+                killed_at = time.time()
                 replicas["replica-1"].kill()
                 time.sleep(STORE_DOWN_S[0] - KILL_AT_S)
                 store.close()
@@ -228,10 +232,11 @@ def test_two_replicas_behind_nginx_survive_a_killed_replica_and_a_store_outage(s
                 failures = f'max_over_time(serving_prediction_log_upload_failures_total{{instance="{targets[1]}"}}[5m])'
                 assert (prometheus.query(failures) or 0) > 0
 
-                statuses = [status for status, _, _, _ in answers]
-                assert statuses.count(200) == len(answers), {s: statuses.count(s) for s in set(statuses)}
+                # every answer 200 but those the killed replica was giving at the kill (a connection cut mid-answer)
+                failed = [(status, when - killed_at) for status, _, _, when in answers if status != 200]
+                assert all(status == 0 and 0 <= after <= IN_FLIGHT_S for status, after in failed), failed
                 served = {pid: (index, when) for status, pid, index, when in answers if status == 200}
-                assert len(served) == len(answers)  # every id once
+                assert len(served) == len(answers) - len(failed)  # every id once
 
                 bucket = f"{store.env['STORAGE_URL']}/prediction-log"
                 deadline = time.monotonic() + 120
@@ -240,7 +245,7 @@ def test_two_replicas_behind_nginx_survive_a_killed_replica_and_a_store_outage(s
                 records, distinct = count_predictions(bucket)
                 logged = {r["id"] for r in read_predictions(bucket, columns=("id",))}
                 assert records == distinct == len(served) and logged == set(served), sorted(set(served) ^ logged)[:10]
-                print(f"answers {len(answers)}, records {records}")
+                print(f"answers {len(answers)}, failed at the kill {len(failed)}, records {records}")
 
                 assert len({pid[:16] for pid in logged}) == 2  # a worker of each replica answered
                 chosen = pick_from_each_worker(sorted(logged), 200)
