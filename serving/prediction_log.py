@@ -52,6 +52,7 @@ COMPRESSION = "lz4"  # half zstd's CPU for a fifth more bytes: the log is writte
 FILES_PER_LOG = 64  # a file is at most this share of the size limit, so retention deletes in small steps
 RETAIN_EVERY_S = 600  # retention also runs this often, so a quiet log ages out too
 CLOSING = ".closing-"  # an open file being closed
+FAILED = ".failed-"  # an open file whose records could not be written: kept, never closed again
 FEEDBACK_SCHEMA = pa.schema(
     [("prediction_id", pa.string()), ("label", pa.int16()), ("time", pa.float64()), ("predicted_label", pa.int16())]
 )
@@ -122,10 +123,10 @@ class PredictionLog:
         self.feedback_lock = threading.Lock()
         self.warned = False
         self.next_retention = 0.0
+        self.retention_failure = ""  # the last round's error, if it failed
         for folder in sorted((root / OPEN).glob("*")):  # a killed writer's open file: closed for it
             if not writer_alive(folder.name.removeprefix(CLOSING)):
-                with contextlib.suppress(OSError):
-                    self._close(folder)
+                self._close_or_keep(folder)
         if self.uploader is not None:  # what a process before this one closed and never uploaded
             closed = [*root.glob(f"{PREDICTIONS}/*/*/*.parquet"), *root.glob(f"{FEEDBACK}/*/*/*.parquet")]
             self.uploader.resume(sorted(p for p in closed if not writer_alive(p.name)))
@@ -192,19 +193,37 @@ class PredictionLog:
             if due and file is not None:  # every record it holds is in its journal; no request adds one now
                 os.close(file.journal)
                 requests = file.requests
-                try:
-                    self._close(file.folder, requests)
-                except OSError as exc:  # its folder stays: the next start on this host closes it from its journal
-                    log.warning("prediction log: closing %s failed: %s", file.folder, exc)
+                self._close_or_keep(file.folder, requests)
                 with self.lock:
                     self.waiting -= len(requests)
                 self.next_retention = 0.0  # right after a file closes
             if time.monotonic() > self.next_retention:  # apart from the write: it never drops a record
                 self.next_retention = time.monotonic() + RETAIN_EVERY_S
-                with contextlib.suppress(OSError):
+                try:
                     retain(self.root, self.max_bytes, self.max_age_s, self.uploader is not None, self.on_drop)
+                    self.retention_failure = ""
+                except Exception as exc:  # the next round tries again; the writer goes on
+                    if repr(exc) != self.retention_failure:  # said once, not at every round it repeats
+                        log.exception("prediction log: retention over %s failed", self.root)
+                    self.retention_failure = repr(exc)
             if stop:  # a record journalled after this stays in an open file: the next start closes it
                 return
+
+    def _close_or_keep(self, folder: Path, requests: list[Pending] | None = None) -> None:
+        """Close an open file; where the disk fails, its folder stays for the next start on this host. Records that
+        cannot become a file at all (any other error) never will: their folder is set aside as `.failed-<name>`
+        for whoever looks into it, and counted as dropped, and the writer goes on with the next file."""
+        try:
+            self._close(folder, requests)
+        except OSError as exc:
+            log.warning("prediction log: closing %s failed: %s", folder, exc)
+        except Exception:
+            name = folder.name.removeprefix(CLOSING)
+            kept = folder.with_name(FAILED + name)
+            log.exception("prediction log: the records of %s cannot be written; journal kept in %s", name, kept)
+            with contextlib.suppress(OSError):
+                folder.with_name(CLOSING + name).rename(kept)
+            self.on_drop(sum(len(p.ids) for p in requests or ()))
 
     def _close(self, folder: Path, requests: list[Pending] | None = None) -> None:
         """An open file's records (`requests`, or a killed writer's from its journal) as one closed file under
@@ -302,7 +321,7 @@ def retain(
         if not (over_size or (too_old and (uploaded or not uploads))):
             continue
         if uploads and not uploaded and on_drop is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, pa.ArrowException):  # a file it cannot read: deleted, uncounted
                 on_drop(pq.ParquetFile(path).metadata.num_rows)
         path.unlink(missing_ok=True)
         path.with_name(path.name + UPLOADED).unlink(missing_ok=True)

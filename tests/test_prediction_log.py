@@ -151,6 +151,24 @@ def test_an_unwritable_folder_drops_every_record_and_warns_once(tmp_path, caplog
     assert len([r for r in caplog.records if "dropping records" in r.getMessage()]) == 1
 
 
+def test_records_that_cannot_be_written_are_set_aside_and_counted_and_the_writer_goes_on(tmp_path, caplog):
+    drops: list[int] = []
+    log = open_log(tmp_path, drops, file_s=0.2)
+    broken = pending(2, 1)
+    broken.outputs.probabilities = broken.outputs.probabilities[:1]  # fewer rows than ids: no table can hold it
+    log.record(broken)
+    wait_for(lambda: drops == [2])
+    served = pending(3, 2)
+    log.record(served)
+    log.close()
+    assert [row["id"] for row in read_predictions(tmp_path)] == served.ids
+    (kept,) = (tmp_path / OPEN).iterdir()
+    assert kept.name.startswith(".failed-") and (kept / "journal").stat().st_size > 0
+    assert any("cannot be written" in r.getMessage() for r in caplog.records)
+    open_log(tmp_path, drops).close()  # the next start leaves it where it is, closing nothing
+    assert list((tmp_path / OPEN).iterdir()) == [kept] and len(closed_files(tmp_path)) == 1
+
+
 def test_retention_deletes_the_oldest_closed_files_first(tmp_path):
     log = open_log(tmp_path, [], max_bytes=1 << 20)  # files of 1 MiB, the smallest
     requests = [pending(64, i) for i in range(60)]  # ~60 kB each: random pixels do not compress
