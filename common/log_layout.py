@@ -1,7 +1,7 @@
 """Where the prediction log keeps what: the names its writer (serving/prediction_log.py) and its readers
 (common/log_queries.py) share.
 
-    predictions/date=<UTC day>/host=<host>/<token>-<pid>-<n>.parquet    closed files, row groups of 512 requests
+    predictions/date=<UTC day>/host=<host>/<token>-<pid>-<n>.parquet    closed files, row groups of ~2048 records
     feedback/date=<UTC day>/host=<host>/<token>-<pid>-<n>.parquet       one label each
     .open/<token>-<pid>-<n>/journal                                     a worker's open file
 

@@ -1,13 +1,13 @@
-"""What a prediction log record is: the schema (docs/monitoring.md's table is made from it), the requests'
-records as the service hands them over (Pending), as an Arrow table, and as a journal entry, the form a request's
-records take before its answer leaves."""
+"""What a prediction log record is: the schema (docs/monitoring.md's table is made from it), a batch's records
+as the service hands them over (Pending), as an Arrow table, and as a journal entry, the form a batch's records
+take before any of its answers leaves."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import pyarrow as pa
 from common.statistics import STATISTICS, input_statistics
 
 JOURNAL_PROTOCOL = 5
+ROW_GROUP_RECORDS = 2048  # records per row group of a closed file, in whole batches (a group may hold a few more)
 STATISTIC_DOCS = {
     "mean_intensity": "the input's mean pixel (0-1)",
     "ink_fraction": "the share of its pixels that are ink",
@@ -94,14 +95,16 @@ class Outputs:
     embedding: np.ndarray | None
 
 
+Request = tuple[int, float, str, float]  # a request of a batch: its records, Unix time of its answer, route, latency ms
+
+
 @dataclass
 class Pending:
-    """One request's records, as they leave the event loop: everything else is computed by the writer."""
+    """A batch's records, as they leave the event loop: its requests in order, their records' ids, the model and
+    its time for the batch, the inputs and outputs row by row; everything else is computed by the writer."""
 
     ids: list[str]
-    time: float
-    route: str
-    latency_ms: float
+    requests: list[Request]
     model_ms: float
     model: ModelName
     inputs: np.ndarray | None  # uint8 [N,1,28,28]; None: not logged (a challenger's, whose inputs the champion's hold)
@@ -134,17 +137,19 @@ def repeated(values: list, counts: list[int]) -> pa.Array:
 
 
 def records_table(pending: list[Pending], role: str, class_names: list[str], keep_inputs: bool) -> pa.Table:
-    """Requests' records as one table of SCHEMA."""
+    """Batches' records as one table of SCHEMA."""
     counts = [len(p.ids) for p in pending]
+    requests = [request for p in pending for request in p.requests]
+    per_request = [request[0] for request in requests]
     probabilities = np.concatenate([p.outputs.probabilities for p in pending]).astype(np.float32)
     labels = probabilities.argmax(1)
     records = len(labels)
     names = np.array(class_names, dtype=object)
     columns: dict[str, pa.Array] = {
         "id": strings([i for p in pending for i in p.ids]),
-        "time": pa.array(np.repeat([p.time for p in pending], counts), pa.float64()),
+        "time": pa.array(np.repeat([request[1] for request in requests], per_request), pa.float64()),
         "role": strings([role] * records),
-        "route": repeated([p.route for p in pending], counts),
+        "route": repeated([request[2] for request in requests], per_request),
         "model_tag": repeated([p.model.tag for p in pending], counts),
         "model_version": repeated([p.model.version for p in pending], counts),
         "precision": repeated([p.model.precision for p in pending], counts),
@@ -155,7 +160,7 @@ def records_table(pending: list[Pending], role: str, class_names: list[str], kee
         "probabilities": list_array(probabilities),
         "ood_score": pa.array(np.concatenate([p.outputs.ood_score for p in pending]).astype(np.float32)),
         "out_of_distribution": pa.array(np.concatenate([p.outputs.out_of_distribution for p in pending])),
-        "latency_ms": pa.array(np.repeat([p.latency_ms for p in pending], counts).astype(np.float32)),
+        "latency_ms": pa.array(np.repeat([request[3] for request in requests], per_request).astype(np.float32)),
         "model_ms": pa.array(np.repeat([p.model_ms for p in pending], counts).astype(np.float32)),
     }
     if all(p.outputs.embedding is not None for p in pending):
@@ -191,11 +196,10 @@ def journal_header(role: str, class_names: list[str], keep_inputs: bool) -> byte
 
 
 def journal_entry(p: Pending) -> bytes:
-    """A request's records as the journal holds them: a pickled tuple of Python values and byte strings only,
-    about a microsecond to make."""
+    """A batch's records as the journal holds them: a pickled tuple of Python values and byte strings only."""
     o, model = p.outputs, p.model
     entry = (
-        (p.ids, p.time, p.route, p.latency_ms, p.model_ms, model.tag, model.version, model.precision),
+        (p.ids, p.requests, p.model_ms, model.tag, model.version, model.precision),
         None if p.inputs is None else packed(p.inputs, np.uint8),
         (packed(o.probabilities, np.float32), packed(o.ood_score, np.float32), packed(o.out_of_distribution, bool)),
         None if o.embedding is None else packed(o.embedding, np.float32),
@@ -205,7 +209,7 @@ def journal_entry(p: Pending) -> bytes:
 
 def pending_from(entry: tuple) -> Pending:
     (
-        (ids, when, route, latency_ms, model_ms, tag, version, precision),
+        (ids, requests, model_ms, tag, version, precision),
         inputs,
         (probabilities, scores, flags),
         embedding,
@@ -217,7 +221,7 @@ def pending_from(entry: tuple) -> Pending:
         None if embedding is None else unpacked(embedding, np.float32),
     )
     images = None if inputs is None else unpacked(inputs, np.uint8)
-    return Pending(ids, when, route, latency_ms, model_ms, ModelName(tag, version, precision), images, outputs)
+    return Pending(ids, requests, model_ms, ModelName(tag, version, precision), images, outputs)
 
 
 class JournalReader(pickle.Unpickler):
@@ -227,23 +231,36 @@ class JournalReader(pickle.Unpickler):
         raise pickle.UnpicklingError(f"a journal holds no {module}.{name}")
 
 
-def journal_tables(path: Path, requests: int = 512) -> Iterator[pa.Table]:
-    """A journal's records, `requests` at a time; a torn last entry (one being written, or the disk filled
-    mid-write) ends it."""
+def row_groups(batches: Iterable[Pending], records: int = ROW_GROUP_RECORDS) -> Iterator[list[Pending]]:
+    """Whole batches, gathered until they hold `records` records (the last group: what is left)."""
+    group: list[Pending] = []
+    size = 0
+    for batch in batches:
+        group.append(batch)
+        size += len(batch.ids)
+        if size >= records:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def journal_tables(path: Path) -> Iterator[pa.Table]:
+    """A journal's records as tables of about ROW_GROUP_RECORDS records; a torn last entry (one being written, or
+    the disk filled mid-write) ends it."""
     with open(path, "rb") as source:
         reader = JournalReader(source)
         try:
             header = reader.load()
         except (EOFError, pickle.UnpicklingError):
             return
-        batch: list[Pending] = []
-        while True:
-            try:
-                batch.append(pending_from(reader.load()))
-            except (EOFError, pickle.UnpicklingError, ValueError, TypeError):
-                break
-            if len(batch) == requests:
-                yield records_table(batch, *header)
-                batch = []
-        if batch:
-            yield records_table(batch, *header)
+
+        def batches() -> Iterator[Pending]:
+            while True:
+                try:
+                    yield pending_from(reader.load())
+                except (EOFError, pickle.UnpicklingError, ValueError, TypeError):
+                    return
+
+        for group in row_groups(batches()):
+            yield records_table(group, *header)

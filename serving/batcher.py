@@ -2,7 +2,8 @@
 is busy form its next batch. A lone request runs at once; under load, batches grow by themselves.
 
 The model can be replaced while requests are served (`batcher.model = new`): each batch runs on the model that
-was in place when it started, and every caller learns which one answered it."""
+was in place when it started, and every caller learns which one answered it. `on_answered` sees each batch once,
+before any of its callers resumes: the prediction log records a batch in one write, not one per request."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +30,12 @@ class Answered:
     model_ms: float
 
 
+# a batch as `on_answered` sees it: its images, its answer, and each waiting caller's note and rows in it
+OnAnswered = Callable[[np.ndarray, Answered, list[tuple[Any, slice]]], None]
+
+
 class MicroBatcher:
-    """`await batcher(images)` -> Answered: the model's output for those images, computed in a batch with the
+    """`await batcher(images, note)` -> Answered: the model's output for those images, computed in a batch with the
     images of other concurrent calls (at most `max_batch_size` images, or one larger call on its own). The
     model runs on one dedicated thread, so the event loop keeps parsing requests meanwhile."""
 
@@ -38,25 +44,29 @@ class MicroBatcher:
         model: Model,
         max_batch_size: int,
         on_batch: Callable[[int], None] = lambda size: None,
+        on_answered: OnAnswered = lambda images, answered, notes: None,
     ):
         self.model = model
         self.callers = 0  # requests between `tracked()` and their answer: the load on this worker
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch
-        self.pending: deque[tuple[np.ndarray, asyncio.Future[Answered]]] = deque()
+        self.on_answered = on_answered
+        self.pending: deque[tuple[np.ndarray, Any, asyncio.Future[Answered]]] = deque()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.runner: asyncio.Task | None = None
 
-    async def __call__(self, images: np.ndarray) -> Answered:
+    async def __call__(self, images: np.ndarray, note: Any = None) -> Answered:
         if len(images) == 1 and self._idle():
             await asyncio.sleep(0)  # requests already received get to announce themselves first
             if self._idle() and self.callers <= 1:
                 # the only request in this worker: nothing to batch or overlap with, and a hop to the model
                 # thread would only add latency
                 self.on_batch(1)
-                return run(self.model, images)
+                answered = run(self.model, images)
+                self.on_answered(images, answered, [(note, slice(0, 1))])
+                return answered
         future: asyncio.Future[Answered] = asyncio.get_running_loop().create_future()
-        self.pending.append((images, future))
+        self.pending.append((images, note, future))
         if self._idle():
             self.runner = asyncio.create_task(self._run_pending())
         return await future
@@ -73,16 +83,16 @@ class MicroBatcher:
         finally:
             self.callers -= 1
 
-    def _next_batch(self) -> list[tuple[np.ndarray, asyncio.Future[Answered]]]:
-        batch: list[tuple[np.ndarray, asyncio.Future[Answered]]] = []
+    def _next_batch(self) -> list[tuple[np.ndarray, Any, asyncio.Future[Answered]]]:
+        batch: list[tuple[np.ndarray, Any, asyncio.Future[Answered]]] = []
         size = 0
         while self.pending:
-            images, future = self.pending[0]
+            images, note, future = self.pending[0]
             if batch and size + len(images) > self.max_batch_size:
                 break
             self.pending.popleft()
             if not future.done():  # a client that went away is not computed for
-                batch.append((images, future))
+                batch.append((images, note, future))
                 size += len(images)
         return batch
 
@@ -94,19 +104,20 @@ class MicroBatcher:
                 continue
             images = batch[0][0] if len(batch) == 1 else np.concatenate([item[0] for item in batch])
             self.on_batch(len(images))
+            ends = np.cumsum([len(part) for part, _, _ in batch]).tolist()
+            parts = [slice(end - len(part), end) for (part, _, _), end in zip(batch, ends, strict=True)]
             try:
                 answered = await loop.run_in_executor(self.executor, run, self.model, images)
+                calls = zip(batch, parts, strict=True)
+                self.on_answered(images, answered, [(note, rows) for (_, note, wait), rows in calls if not wait.done()])
             except Exception as exc:  # every caller of a failed batch gets the error
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            start = 0
-            for part, future in batch:
+            for (_, _, future), rows in zip(batch, parts, strict=True):
                 if not future.done():
-                    rows = answered.rows[start : start + len(part)]
-                    future.set_result(Answered(answered.model, rows, answered.model_ms))
-                start += len(part)
+                    future.set_result(Answered(answered.model, answered.rows[rows], answered.model_ms))
 
 
 def run(model: Model, images: np.ndarray) -> Answered:

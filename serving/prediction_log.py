@@ -2,11 +2,12 @@
 off the request path, never slowing or failing one. common/log_layout.py names its files; common/log_records.py
 holds the schema, the records and the journal's entries; docs/monitoring.md documents them.
 
-Each worker process writes its own files, never one another process writes. Before a request's answer leaves,
-its records are appended to the journal of the worker's open file (`.open/<token>-<pid>-<n>/journal`: handed to
-the operating system, so a killed process loses none of the answers it gave, and this host's readers read it at
-once) and kept in memory; every `file_s` seconds, or past a size, a writer thread closes the file: its records
-become one Parquet file of row groups of ROW_GROUP_REQUESTS requests, under the date of its first record, then
+Each worker process writes its own files, never one another process writes. Before any answer of a batch leaves,
+the batch's records are appended, in one write, to the journal of the worker's open file
+(`.open/<token>-<pid>-<n>/journal`: handed to the operating system, so a killed process loses none of the answers
+it gave, and this host's readers read it at once) and kept in memory; every `file_s` seconds, or past a size, a
+writer thread closes the file: its records become one Parquet file of row groups of ROW_GROUP_RECORDS records
+(common/log_records.py), under the date of its first record, then
 uploaded (serving/log_uploads.py). The next start on the host closes a killed worker's open file from its
 journal. A closed file is what other hosts see: a prediction served elsewhere can be labelled once its worker's
 file has closed. Records past `queue_requests` waiting for the writer, or a failing disk, are dropped, counted
@@ -42,13 +43,15 @@ from common.log_records import (
     journal_header,
     journal_tables,
     records_table,
+    row_groups,
 )
 from serving.log_uploads import UPLOADED, Uploader
 
 log = logging.getLogger("bentoml.serving")
 FLUSH_S = 0.2  # how often the writer looks for a file to close
-ROW_GROUP_REQUESTS = 512  # requests per row group of a closed file
-COMPRESSION = "lz4"  # half zstd's CPU for a fifth more bytes: the log is written on the serving CPUs
+# lz4: half zstd's CPU for a fifth more bytes, as the log is written on the serving CPUs; none for the
+# embeddings, floats that lz4 does not shrink
+COMPRESSION = {name: "none" if name == "embedding" else "lz4" for name in SCHEMA.names}
 FILES_PER_LOG = 64  # a file is at most this share of the size limit, so retention deletes in small steps
 RETAIN_EVERY_S = 600  # retention also runs this often, so a quiet log ages out too
 CLOSING = ".closing-"  # an open file being closed
@@ -84,13 +87,13 @@ def published(target: Path) -> Iterator[Path]:
 
 @dataclass(eq=False)
 class OpenFile:
-    """A file being written: its folder, its journal's descriptor and size, and the requests it holds."""
+    """A file being written: its folder, its journal's descriptor and size, and the batches it holds."""
 
     folder: Path
     journal: int
     opened_at: float = field(default_factory=time.monotonic)
     bytes: int = 0
-    requests: list[Pending] = field(default_factory=list)
+    batches: list[Pending] = field(default_factory=list)
 
 
 class PredictionLog:
@@ -116,7 +119,7 @@ class PredictionLog:
         self.on_drop = on_drop
         self.uploader = Uploader(root, storage_url, on_upload_failure) if storage_url else None
         self.numbers = itertools.count()
-        self.lock = threading.Lock()  # the open file, as requests journal into it and the writer takes it
+        self.lock = threading.Lock()  # the open file, as batches journal into it and the writer takes it
         self.current: OpenFile | None = None
         self.waiting = 0  # requests journalled and not yet in a closed file
         self.stopping = threading.Event()
@@ -133,11 +136,11 @@ class PredictionLog:
         self.writer = threading.Thread(target=self._write_forever, name="prediction-log", daemon=True)
         self.writer.start()
 
-    # the event loop's side: one call per request, never waiting on the writer
+    # the event loop's side: one call per batch, never waiting on the writer
 
     def record(self, pending: Pending) -> None:
-        """Journal a request's records and hold them for the writer; dropped (and counted) past `queue_requests`
-        waiting or when the disk fails."""
+        """Journal a batch's records and hold them for the writer; dropped (and counted) past `queue_requests`
+        requests waiting or when the disk fails."""
         entry = journal_entry(pending)
         with self.lock:
             if self.waiting >= self.max_waiting:
@@ -154,8 +157,8 @@ class PredictionLog:
                 self.current = None
                 self._dropped(len(pending.ids), f"writing {self.root} failed: the disk is full")
                 return
-            file.requests.append(pending)
-            self.waiting += 1
+            file.batches.append(pending)
+            self.waiting += len(pending.requests)
 
     def _open_file(self) -> OpenFile:
         folder = self.root / OPEN / f"{self.name}-{next(self.numbers)}"
@@ -190,12 +193,11 @@ class PredictionLog:
                 )
                 if due:
                     self.current = None
-            if due and file is not None:  # every record it holds is in its journal; no request adds one now
+            if due and file is not None:  # every record it holds is in its journal; no batch adds one now
                 os.close(file.journal)
-                requests = file.requests
-                self._close_or_keep(file.folder, requests)
+                self._close_or_keep(file.folder, file.batches)
                 with self.lock:
-                    self.waiting -= len(requests)
+                    self.waiting -= sum(len(batch.requests) for batch in file.batches)
                 self.next_retention = 0.0  # right after a file closes
             if time.monotonic() > self.next_retention:  # apart from the write: it never drops a record
                 self.next_retention = time.monotonic() + RETAIN_EVERY_S
@@ -209,12 +211,12 @@ class PredictionLog:
             if stop:  # a record journalled after this stays in an open file: the next start closes it
                 return
 
-    def _close_or_keep(self, folder: Path, requests: list[Pending] | None = None) -> None:
+    def _close_or_keep(self, folder: Path, batches: list[Pending] | None = None) -> None:
         """Close an open file; where the disk fails, its folder stays for the next start on this host. Records that
         cannot become a file at all (any other error) never will: their folder is set aside as `.failed-<name>`
         for whoever looks into it, and counted as dropped, and the writer goes on with the next file."""
         try:
-            self._close(folder, requests)
+            self._close(folder, batches)
         except OSError as exc:
             log.warning("prediction log: closing %s failed: %s", folder, exc)
         except Exception:
@@ -223,19 +225,18 @@ class PredictionLog:
             log.exception("prediction log: the records of %s cannot be written; journal kept in %s", name, kept)
             with contextlib.suppress(OSError):
                 folder.with_name(CLOSING + name).rename(kept)
-            self.on_drop(sum(len(p.ids) for p in requests or ()))
+            self.on_drop(sum(len(batch.ids) for batch in batches or ()))
 
-    def _close(self, folder: Path, requests: list[Pending] | None = None) -> None:
-        """An open file's records (`requests`, or a killed writer's from its journal) as one closed file under
+    def _close(self, folder: Path, batches: list[Pending] | None = None) -> None:
+        """An open file's records (`batches`, or a killed writer's from its journal) as one closed file under
         the date of its first record, then queued for upload; its folder is hidden from readers as this starts
         and deleted once the closed file is in place. Whichever start closes it, the closed file is the same."""
         name = folder.name.removeprefix(CLOSING)
         closing = folder if folder.name.startswith(CLOSING) else folder.rename(folder.with_name(CLOSING + name))
-        if requests is None:
-            tables = journal_tables(closing / JOURNAL, ROW_GROUP_REQUESTS)
+        if batches is None:
+            tables = journal_tables(closing / JOURNAL)
         else:
-            groups = (requests[i : i + ROW_GROUP_REQUESTS] for i in range(0, len(requests), ROW_GROUP_REQUESTS))
-            tables = (records_table(group, *self.header) for group in groups)
+            tables = (records_table(group, *self.header) for group in row_groups(batches))
         first = next(tables, None)
         if first is not None:
             target = partition(self.root, PREDICTIONS, first["time"][0].as_py()) / f"{name}.parquet"

@@ -17,7 +17,7 @@ import gc
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,7 +32,7 @@ from common.model_source import ensure_model
 from common.model_store import MODEL_FILES, ModelMissingError, served_record
 from common.preprocess import ImageError, open_image, to_model_input
 from common.runtime import ProviderError, choose_precision, require_cuda
-from serving.batcher import MicroBatcher
+from serving.batcher import Answered, MicroBatcher
 from serving.direct import DirectPredictions
 from serving.follow import Follower
 from serving.inputs import ClientError, images_to_array, parse_batch
@@ -77,7 +77,9 @@ class Classifier:
         self.image_shape = classifier.image_shape
         self.input_name = classifier.input_name
         self.upload_fit = int(classifier.metadata["upload_fit"])
-        self.batcher = MicroBatcher(self.served, SETTINGS.max_batch_size, on_batch=BATCH_SIZES.observe)
+        self.batcher = MicroBatcher(
+            self.served, SETTINGS.max_batch_size, on_batch=BATCH_SIZES.observe, on_answered=self.batch_answered
+        )
         self.served.show("champion")
         self.ids = PredictionIds()
         log_settings = dict(
@@ -234,25 +236,37 @@ class Classifier:
 
     async def predict_images(self, images: np.ndarray, route: str, started: float) -> Served:
         """Model inputs [N,1,28,28] through the batcher with concurrent requests (ServedModel counts the answers):
-        each image's output row, logged and offered to the challenger, with the model that answered and the ids of
-        its predictions."""
-        answered = await self.batcher(images)
+        each image's output row and prediction id, with the model that answered; logged with its batch
+        (`batch_answered`) and offered to the challenger."""
+        caller = Caller(route, started)
+        answered = await self.batcher(images, caller)
         model: ServedModel = answered.model  # type: ignore[assignment]
+        flagged = model.classifier.columns.ood_score(answered.rows) > model.classifier.ood_threshold
+        shadow = self.follower.shadow if self.follower is not None and self.log is not None else None
+        if shadow is not None:
+            shadow.offer(caller.ids, route, images)
+        return Served(model, answered.rows, caller.ids, flagged)
+
+    def batch_answered(self, images: np.ndarray, answered: Answered, callers: list[tuple[Caller, slice]]) -> None:
+        """A batch's answers, before any of them leaves: its callers' prediction ids, and its records in the log in
+        one write (a caller that went away got no answer, and no record)."""
+        for caller, rows in callers:
+            caller.ids = self.ids.take(rows.stop - rows.start)
+        if self.log is None or not callers:
+            return
+        model: ServedModel = answered.model  # type: ignore[assignment]
+        outputs = answered.rows
+        if sum(len(caller.ids) for caller, _ in callers) < len(outputs):
+            kept = np.r_[tuple(rows for _, rows in callers)]
+            outputs, images = outputs[kept], images[kept]
         columns = model.classifier.columns
-        rows = answered.rows
-        probabilities, scores = columns.probabilities(rows), columns.ood_score(rows)
+        scores = columns.ood_score(outputs)
         flagged = scores > model.classifier.ood_threshold
-        ids = self.ids.take(len(rows))
-        if self.log is not None:
-            outputs = Outputs(probabilities, scores, flagged, columns.embedding(rows))
-            latency_ms = (time.perf_counter() - started) * 1000
-            self.log.record(
-                Pending(ids, time.time(), route, latency_ms, answered.model_ms, model.name, images, outputs)
-            )
-            shadow = self.follower.shadow if self.follower is not None else None
-            if shadow is not None:
-                shadow.offer(ids, route, images)
-        return Served(model, rows, ids, flagged)
+        logged = Outputs(columns.probabilities(outputs), scores, flagged, columns.embedding(outputs))
+        now, answered_at = time.perf_counter(), time.time()
+        requests = [(len(c.ids), answered_at, c.route, (now - c.started) * 1000) for c, _ in callers]
+        ids = [i for caller, _ in callers for i in caller.ids]
+        self.log.record(Pending(ids, requests, answered.model_ms, model.name, images, logged))
 
     async def answer(self, images: np.ndarray, route: str, started: float, details: bool = False) -> list[dict]:
         """One Prediction per model input [N,1,28,28], batched with concurrent requests, counted and logged; with
@@ -308,6 +322,15 @@ class Classifier:
             answers = await self.answer(batch, "/api/predict_batch", started)
             ctx.response.headers[VERSION_HEADER] = answers[0]["model_version"]
             return answers
+
+
+@dataclass
+class Caller:
+    """A request in the batcher: what its records say of it, and its prediction ids once its batch is answered."""
+
+    route: str
+    started: float  # time.perf_counter() at its first byte
+    ids: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

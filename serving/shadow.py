@@ -267,16 +267,12 @@ def main() -> None:
             continue
         model_ms = (time.perf_counter() - started) * 1000
         answered = time.time()
-        start = 0
-        for request in requests:
-            part = rows[start : start + len(request["ids"])]
-            start += len(part)
-            scores = columns.ood_score(part)
-            outputs = Outputs(columns.probabilities(part), scores, scores > model.ood_threshold, None)
-            latency_ms = (answered - request["time"]) * 1000  # from the champion's answer to the challenger's
-            prediction_log.record(
-                Pending(request["ids"], request["time"], request["route"], latency_ms, model_ms, name, None, outputs)
-            )
+        scores = columns.ood_score(rows)
+        outputs = Outputs(columns.probabilities(rows), scores, scores > model.ood_threshold, None)
+        # each request at the champion's answer, its latency from there to the challenger's
+        logged = [(len(r["ids"]), r["time"], r["route"], (answered - r["time"]) * 1000) for r in requests]
+        ids = [i for request in requests for i in request["ids"]]
+        prediction_log.record(Pending(ids, logged, model_ms, name, None, outputs))
     prediction_log.close()
 
 

@@ -1,6 +1,7 @@
 """The adaptive batcher, with a model that records the batches it is given."""
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -105,3 +106,64 @@ def test_a_model_swapped_in_serves_the_next_batch_and_the_running_one_finishes_o
     first, later = asyncio.run(scenario())
     assert {a.model for a in first} == {old} and {a.model for a in later} == {new}
     assert sum(old.batches) == 4 and sum(new.batches) == 4
+
+
+class Observed:
+    """An `on_answered` that keeps each batch's notes and rows, and checks that none of its callers resumed yet."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, list]]] = []
+        self.resumed: set[int] = set()
+
+    def __call__(self, images, answered, calls) -> None:
+        assert not self.resumed & {note for note, _ in calls}
+        self.batches.append([(note, answered.rows[rows].ravel().tolist()) for note, rows in calls])
+
+
+def answer_all(batcher: MicroBatcher, observed: Observed, inputs: list[np.ndarray]) -> list:
+    async def one(note, images):
+        with batcher.tracked():
+            await asyncio.sleep(0)
+            answer = await batcher(images, note)
+            observed.resumed.add(note)
+            return answer.rows.ravel().tolist()
+
+    async def every():
+        return await asyncio.gather(*(one(note, images) for note, images in enumerate(inputs)))
+
+    return asyncio.run(every())
+
+
+@pytest.mark.parametrize("inputs", [requests(1), requests(12) + requests(2, size=3)], ids=["lone", "batched"])
+def test_each_batch_is_seen_once_before_its_callers_resume_with_each_callers_note_and_rows(inputs):
+    observed, model = Observed(), RecordingModel()
+    outputs = answer_all(MicroBatcher(model, max_batch_size=8, on_answered=observed), observed, inputs)
+    assert [sum(len(rows) for _, rows in batch) for batch in observed.batches] == model.batches
+    assert sorted(note for batch in observed.batches for note, _ in batch) == list(range(len(inputs)))
+    assert all(rows == outputs[note] for batch in observed.batches for note, rows in batch)
+
+
+def test_a_caller_that_went_away_while_its_batch_ran_is_not_among_those_answered():
+    started, go_on = threading.Event(), threading.Event()
+
+    class Held(RecordingModel):
+        def __call__(self, images):
+            started.set()
+            go_on.wait(10)
+            return super().__call__(images)
+
+    observed = Observed()
+    batcher = MicroBatcher(Held(), max_batch_size=8, on_answered=observed)
+
+    async def scenario():
+        with batcher.tracked(), batcher.tracked():
+            calls = [asyncio.create_task(batcher(images, note)) for note, images in enumerate(requests(3))]
+            while not started.is_set():
+                await asyncio.sleep(0.001)
+            calls[1].cancel()
+            go_on.set()
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    answers = asyncio.run(scenario())
+    assert isinstance(answers[1], asyncio.CancelledError)
+    assert [[note for note, _ in batch] for batch in observed.batches] == [[0, 2]]

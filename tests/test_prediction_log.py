@@ -16,10 +16,9 @@ import pytest
 
 from common.log_layout import CHALLENGER, OPEN
 from common.log_queries import find_prediction, read_feedback, read_labels, read_predictions
-from common.log_records import SCHEMA, ModelName, Outputs, Pending
+from common.log_records import ROW_GROUP_RECORDS, SCHEMA, ModelName, Outputs, Pending
 from serving.prediction_log import (
     FLUSH_S,
-    ROW_GROUP_REQUESTS,
     PredictionIds,
     PredictionLog,
     closed_files,
@@ -40,7 +39,7 @@ def pending(
     scores = rng.normal(0, 10, count).astype(np.float32)
     outputs = Outputs(probabilities, scores, scores > 5.0, rng.normal(0, 1, (count, 16)))
     inputs = rng.integers(0, 256, (count, 1, 28, 28), dtype=np.uint8)
-    return Pending(ids.take(count), time.time(), route, 3.5, 1.25, model, inputs, outputs)
+    return Pending(ids.take(count), [(count, time.time(), route, 3.5)], 1.25, model, inputs, outputs)
 
 
 def open_log(root, drops: list, ids: PredictionIds = IDS, **changes) -> PredictionLog:
@@ -85,19 +84,23 @@ def test_every_record_holds_what_the_service_answered_and_the_input(tmp_path):
 
 def test_records_are_read_at_once_and_their_file_closes_after_its_interval_in_row_groups(tmp_path):
     """Records are found on this host as soon as their answer left, before their file closes (from its journal);
-    the file closes after `file_s` even with no more traffic, ROW_GROUP_REQUESTS requests per row group."""
+    the file closes after `file_s` even with no more traffic, in row groups of whole batches, ROW_GROUP_RECORDS
+    records or a little more."""
     log = open_log(tmp_path, [], file_s=1.5, queue_requests=1000)
     first = pending(3, 1)
     log.record(first)
     assert find_prediction(tmp_path, first.ids[1])["id"] == first.ids[1]  # from the open file's journal
     assert closed_files(tmp_path) == []
-    rest = [pending(1, seed) for seed in range(ROW_GROUP_REQUESTS)]
-    for request in rest:
-        log.record(request)
+    rest = [pending(8, seed) for seed in range(ROW_GROUP_RECORDS // 8 + 1)]
+    for batch in rest:
+        log.record(batch)
     time.sleep(1.5 + 4 * FLUSH_S)
     (closed,) = closed_files(tmp_path)
-    assert pq.ParquetFile(closed).metadata.num_row_groups == 2
-    assert [r["id"] for r in read_predictions(tmp_path, columns=("id",))] == first.ids + [r.ids[0] for r in rest]
+    groups = pq.ParquetFile(closed).metadata
+    sizes = [groups.row_group(i).num_rows for i in range(groups.num_row_groups)]
+    assert sizes == [3 + ROW_GROUP_RECORDS, 8]  # the first group reached its size within its last batch
+    ids = [i for batch in [first, *rest] for i in batch.ids]
+    assert [r["id"] for r in read_predictions(tmp_path, columns=("id",))] == ids
     log.close()
 
 
@@ -231,7 +234,7 @@ def test_feedback_keeps_the_latest_label_for_each_prediction(tmp_path):
 def test_a_window_by_time_or_by_count(tmp_path):
     log = open_log(tmp_path, [])
     first = pending(5, 1)
-    first.time = 1000.0
+    first.requests = [(5, 1000.0, "/predict", 3.5)]
     second = pending(5, 2)
     log.record(first)
     log.record(second)
