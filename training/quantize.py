@@ -67,6 +67,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: np.ndarr
             # on this project's CPU); int8 activations ran at a third of fp32's speed there
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            # weights in 7 bits: x86 CPUs without VNNI (AVX2 only) add pairs of uint8 x int8 products in int16,
+            # which full-range weights overflow; on such an AMD EPYC the int8 file agreed with fp32 on 98.7% of
+            # the test images and lost 0.3 points, and with 7-bit weights on 99.7%, losing none
+            reduce_range=True,
             nodes_to_exclude=ood_only_nodes(onnx.load(str(prepared))),
         )
         proto = onnx.load(str(quantized))
