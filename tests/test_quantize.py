@@ -3,9 +3,9 @@
 import copy
 
 import onnx
-from onnx import numpy_helper
 import pytest
 import torch
+from onnx import numpy_helper
 
 from common.model_store import read_metadata
 from tests.serving_fixtures import contrast_images, export_small, small_net
