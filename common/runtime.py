@@ -238,6 +238,10 @@ class OnnxClassifier:
         logits, probabilities, score, embedding = session.run(list(OUTPUT_NAMES), {self.input_name: images})
         return np.concatenate([logits, probabilities, score[:, None], embedding], axis=1)
 
+    def out_of_distribution(self, rows: np.ndarray) -> np.ndarray:
+        """Whether each output row's out-of-distribution score is past this model's threshold."""
+        return self.columns.ood_score(rows) > self.ood_threshold
+
     def warm_up(self, max_batch_size: int, max_request_images: int = 0) -> None:
         """Run every batch size the batcher can form, and the largest request, so none pays a first-call
         cost while serving."""

@@ -34,8 +34,7 @@ class ServedModel:
         thread, rather than once a request on the event loop."""
         rows = self.classifier.outputs(images)
         columns = self.classifier.columns
-        probabilities, scores = columns.probabilities(rows), columns.ood_score(rows)
-        flagged = scores > self.classifier.ood_threshold
+        probabilities, flagged = columns.probabilities(rows), self.classifier.out_of_distribution(rows)
         count_predictions(self.classifier.class_names, probabilities.argmax(1), probabilities.max(1), flagged)
         return rows
 

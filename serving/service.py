@@ -240,29 +240,26 @@ class Classifier:
         (`batch_answered`) and offered to the challenger."""
         caller = Caller(route, started)
         answered = await self.batcher(images, caller)
-        model: ServedModel = answered.model  # type: ignore[assignment]
-        flagged = model.classifier.columns.ood_score(answered.rows) > model.classifier.ood_threshold
         shadow = self.follower.shadow if self.follower is not None and self.log is not None else None
         if shadow is not None:
             shadow.offer(caller.ids, route, images)
-        return Served(model, answered.rows, caller.ids, flagged)
+        return Served(answered.model, answered.rows, caller.ids, caller.flagged)  # type: ignore[arg-type]
 
     def batch_answered(self, images: np.ndarray, answered: Answered, callers: list[tuple[Caller, slice]]) -> None:
-        """A batch's answers, before any of them leaves: its callers' prediction ids, and its records in the log in
-        one write (a caller that went away got no answer, and no record)."""
+        """A batch's answers, before any of them leaves: its callers' prediction ids and out-of-distribution flags,
+        and its records in the log in one write (a caller that went away got no answer, and no record)."""
+        model: ServedModel = answered.model  # type: ignore[assignment]
+        columns, outputs = model.classifier.columns, answered.rows
+        flagged = model.classifier.out_of_distribution(outputs)
         for caller, rows in callers:
-            caller.ids = self.ids.take(rows.stop - rows.start)
+            caller.ids, caller.flagged = self.ids.take(rows.stop - rows.start), flagged[rows]
         if self.log is None or not callers:
             return
-        model: ServedModel = answered.model  # type: ignore[assignment]
-        outputs = answered.rows
         if sum(len(caller.ids) for caller, _ in callers) < len(outputs):
             kept = np.r_[tuple(rows for _, rows in callers)]
-            outputs, images = outputs[kept], images[kept]
-        columns = model.classifier.columns
-        scores = columns.ood_score(outputs)
-        flagged = scores > model.classifier.ood_threshold
-        logged = Outputs(columns.probabilities(outputs), scores, flagged, columns.embedding(outputs))
+            outputs, images, flagged = outputs[kept], images[kept], flagged[kept]
+        scores, embedding = columns.ood_score(outputs), columns.embedding(outputs)
+        logged = Outputs(columns.probabilities(outputs), scores, flagged, embedding)
         now, answered_at = time.perf_counter(), time.time()
         requests = [(len(c.ids), answered_at, c.route, (now - c.started) * 1000) for c, _ in callers]
         ids = [i for caller, _ in callers for i in caller.ids]
@@ -326,11 +323,13 @@ class Classifier:
 
 @dataclass
 class Caller:
-    """A request in the batcher: what its records say of it, and its prediction ids once its batch is answered."""
+    """A request in the batcher: what its records say of it, and its prediction ids and out-of-distribution flags
+    once its batch is answered."""
 
     route: str
     started: float  # time.perf_counter() at its first byte
     ids: list[str] = field(default_factory=list)
+    flagged: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
 
 @dataclass(frozen=True)

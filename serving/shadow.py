@@ -267,8 +267,7 @@ def main() -> None:
             continue
         model_ms = (time.perf_counter() - started) * 1000
         answered = time.time()
-        scores = columns.ood_score(rows)
-        outputs = Outputs(columns.probabilities(rows), scores, scores > model.ood_threshold, None)
+        outputs = Outputs(columns.probabilities(rows), columns.ood_score(rows), model.out_of_distribution(rows), None)
         # each request at the champion's answer, its latency from there to the challenger's
         logged = [(len(r["ids"]), r["time"], r["route"], (answered - r["time"]) * 1000) for r in requests]
         ids = [i for request in requests for i in request["ids"]]
