@@ -249,16 +249,17 @@ def journal_tables(path: Path) -> Iterator[pa.Table]:
     """A journal's records as tables of about ROW_GROUP_RECORDS records; a torn last entry (one being written, or
     the disk filled mid-write) ends it."""
     with open(path, "rb") as source:
-        reader = JournalReader(source)
+        # a reader per entry: each entry is a pickle of its own, whose references (a route that two requests
+        # share) count from its own start, and a reader's memo outlives its load()
         try:
-            header = reader.load()
+            header = JournalReader(source).load()
         except (EOFError, pickle.UnpicklingError):
             return
 
         def batches() -> Iterator[Pending]:
             while True:
                 try:
-                    yield pending_from(reader.load())
+                    yield pending_from(JournalReader(source).load())
                 except (EOFError, pickle.UnpicklingError, ValueError, TypeError):
                     return
 

@@ -104,6 +104,27 @@ def test_records_are_read_at_once_and_their_file_closes_after_its_interval_in_ro
     log.close()
 
 
+def test_an_open_files_records_read_back_as_written_when_requests_of_a_batch_share_values(tmp_path):
+    """The requests of a batch share one route object and one answer time, as the service builds them; read from
+    the open file's journal, batch after batch, each record still holds its own request's values."""
+    log = open_log(tmp_path, [])
+    route, answered_at = "/predict", time.time()
+    batches = [pending(3, seed) for seed in range(3)]
+    expected = []
+    for batch in batches:
+        batch.requests = [(1, answered_at, route, 2.0), (2, answered_at, route, 4.0)]
+        log.record(batch)
+        expected += [(batch.ids[0], route, 2.0), (batch.ids[1], route, 4.0), (batch.ids[2], route, 4.0)]
+
+    def read() -> list[tuple]:
+        rows = read_predictions(tmp_path, columns=("id", "route", "latency_ms"))
+        return sorted((row["id"], row["route"], row["latency_ms"]) for row in rows)
+
+    assert read() == expected  # from the journal
+    log.close()
+    assert read() == expected  # from the closed file
+
+
 def test_an_id_finds_its_record_among_every_workers_log(tmp_path):
     workers = [PredictionIds() for _ in range(3)]
     logs = [open_log(tmp_path, [], ids) for ids in workers]
