@@ -1,9 +1,10 @@
 """The prediction log's cost (`make bench` runs it after benchmarks/serving.py): the served champion with the
 log off and on, 64 clients uploading PNGs, servers started in turn (off, on, on, off, off, on, ...) so that
-neither setting always runs first and the machine's drift falls on both alike; then 60 s at 64 clients with
-the log on, after which the log must hold exactly one record per 200 answer; then the log's folder
-unwritable, where every answer must still be 200 and the dropped counter must count every record. Prints a
-table and writes benchmarks/results/prediction_log.json.
+neither setting always runs first, the ratio the median of each repeat's (its two runs next to each other, so
+that the machine's drift falls on both alike); then 60 s at 64 clients with the log on, after which the log
+must hold exactly one record per 200 answer; then the log's folder unwritable, where every answer must still
+be 200 and the dropped counter must count every record. Prints a table and writes
+benchmarks/results/prediction_log.json.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import requests
 
 from benchmarks.local_server import REPO, LocalServer, benchmarked_service
 from benchmarks.publish import publish, served_model
-from benchmarks.serving import loadgen, median_of, payload_images
+from benchmarks.serving import loadgen, median_of, paired_ratios, payload_images
 from common.log_queries import count_predictions
 
 DROPPED = "serving_prediction_log_dropped_total"
@@ -95,7 +96,7 @@ def main() -> None:
         "concurrency": args.concurrency,
         "repeats": args.repeats,
         "throughput": throughput,
-        "on_off_ratio": throughput["on"]["requests_per_s"] / throughput["off"]["requests_per_s"],
+        "on_off_ratio": paired_ratios(runs["on"], runs["off"])["requests_per_s"],
         "soak": {"seconds": args.soak, "answered_200": answered(soak), "records": records, **pick(soak)},
         "unwritable": {"answered_200": answered(unwritable), "dropped_counted": drops, **pick(unwritable)},
     }
@@ -119,7 +120,8 @@ def table(results: dict) -> str:
         lines.append(f"| {mode} | {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
     lines += [
         "",
-        f"With the log on: {results['on_off_ratio']:.1%} of the throughput with it off. Over {soak['seconds']:.0f} s "
+        f"With the log on: {results['on_off_ratio']:.1%} of the throughput with it off (the median of the "
+        f"{results['repeats']} repeats' ratios). Over {soak['seconds']:.0f} s "
         f"at {results['concurrency']} clients: {soak['answered_200']:,} answers 200, {soak['records']:,} records in "
         f"the log, {soak['errors']} errors. With the log's folder unwritable: {blocked['answered_200']:,} answers "
         f"200, {blocked['errors']} errors, {blocked['dropped_counted']:,.0f} records counted as dropped.",
