@@ -10,6 +10,7 @@ import pickle
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -95,7 +96,13 @@ class Outputs:
     embedding: np.ndarray | None
 
 
-Request = tuple[int, float, str, float]  # a request of a batch: its records, Unix time of its answer, route, latency ms
+class Request(NamedTuple):
+    """A request of a batch, as its records tell it."""
+
+    records: int
+    answered_at: float  # Unix time of its answer
+    route: str
+    latency_ms: float  # from its first byte to its answer
 
 
 @dataclass
@@ -140,16 +147,16 @@ def records_table(pending: list[Pending], role: str, class_names: list[str], kee
     """Batches' records as one table of SCHEMA."""
     counts = [len(p.ids) for p in pending]
     requests = [request for p in pending for request in p.requests]
-    per_request = [request[0] for request in requests]
+    per_request = [request.records for request in requests]
     probabilities = np.concatenate([p.outputs.probabilities for p in pending]).astype(np.float32)
     labels = probabilities.argmax(1)
     records = len(labels)
     names = np.array(class_names, dtype=object)
     columns: dict[str, pa.Array] = {
         "id": strings([i for p in pending for i in p.ids]),
-        "time": pa.array(np.repeat([request[1] for request in requests], per_request), pa.float64()),
+        "time": pa.array(np.repeat([request.answered_at for request in requests], per_request), pa.float64()),
         "role": strings([role] * records),
-        "route": repeated([request[2] for request in requests], per_request),
+        "route": repeated([request.route for request in requests], per_request),
         "model_tag": repeated([p.model.tag for p in pending], counts),
         "model_version": repeated([p.model.version for p in pending], counts),
         "precision": repeated([p.model.precision for p in pending], counts),
@@ -160,7 +167,7 @@ def records_table(pending: list[Pending], role: str, class_names: list[str], kee
         "probabilities": list_array(probabilities),
         "ood_score": pa.array(np.concatenate([p.outputs.ood_score for p in pending]).astype(np.float32)),
         "out_of_distribution": pa.array(np.concatenate([p.outputs.out_of_distribution for p in pending])),
-        "latency_ms": pa.array(np.repeat([request[3] for request in requests], per_request).astype(np.float32)),
+        "latency_ms": pa.array(np.repeat([request.latency_ms for request in requests], per_request).astype(np.float32)),
         "model_ms": pa.array(np.repeat([p.model_ms for p in pending], counts).astype(np.float32)),
     }
     if all(p.outputs.embedding is not None for p in pending):
@@ -199,7 +206,7 @@ def journal_entry(p: Pending) -> bytes:
     """A batch's records as the journal holds them: a pickled tuple of Python values and byte strings only."""
     o, model = p.outputs, p.model
     entry = (
-        (p.ids, p.requests, p.model_ms, model.tag, model.version, model.precision),
+        (p.ids, [tuple(request) for request in p.requests], p.model_ms, model.tag, model.version, model.precision),
         None if p.inputs is None else packed(p.inputs, np.uint8),
         (packed(o.probabilities, np.float32), packed(o.ood_score, np.float32), packed(o.out_of_distribution, bool)),
         None if o.embedding is None else packed(o.embedding, np.float32),
@@ -221,6 +228,7 @@ def pending_from(entry: tuple) -> Pending:
         None if embedding is None else unpacked(embedding, np.float32),
     )
     images = None if inputs is None else unpacked(inputs, np.uint8)
+    requests = [Request(*request) for request in requests]
     return Pending(ids, requests, model_ms, ModelName(tag, version, precision), images, outputs)
 
 

@@ -52,9 +52,8 @@ FLUSH_S = 0.2  # how often the writer looks for a file to close
 # lz4: half zstd's CPU for a fifth more bytes, as the log is written on the serving CPUs; none for the lists of
 # floats (probabilities, embeddings), which lz4 does not shrink. Keyed by Parquet column path: a list's values
 # are `<name>.list.element`.
-COMPRESSION = {
-    f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name: "none" if pa.types.is_list(f.type) else "lz4"
-    for f in SCHEMA
+COMPRESSION = {f.name: "lz4" for f in SCHEMA if not pa.types.is_list(f.type)} | {
+    f"{f.name}.list.element": "none" for f in SCHEMA if pa.types.is_list(f.type)
 }
 FILES_PER_LOG = 64  # a file is at most this share of the size limit, so retention deletes in small steps
 RETAIN_EVERY_S = 600  # retention also runs this often, so a quiet log ages out too

@@ -27,7 +27,7 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument
 from pydantic import Field
 
-from common.log_records import Outputs, Pending
+from common.log_records import Outputs, Pending, Request
 from common.model_source import ensure_model
 from common.model_store import MODEL_FILES, ModelMissingError, served_record
 from common.preprocess import ImageError, open_image, to_model_input
@@ -261,7 +261,7 @@ class Classifier:
         scores, embedding = columns.ood_score(outputs), columns.embedding(outputs)
         logged = Outputs(columns.probabilities(outputs), scores, flagged, embedding)
         now, answered_at = time.perf_counter(), time.time()
-        requests = [(len(c.ids), answered_at, c.route, (now - c.started) * 1000) for c, _ in callers]
+        requests = [Request(len(c.ids), answered_at, c.route, (now - c.started) * 1000) for c, _ in callers]
         ids = [i for caller, _ in callers for i in caller.ids]
         self.log.record(Pending(ids, requests, answered.model_ms, model.name, images, logged))
 

@@ -37,7 +37,7 @@ from typing import IO, cast
 import numpy as np
 
 from common.log_layout import CHALLENGER
-from common.log_records import ModelName, Outputs, Pending
+from common.log_records import ModelName, Outputs, Pending, Request
 from common.runtime import OnnxClassifier, ProbeError
 from serving.metrics import LOG_UPLOAD_FAILURES
 from serving.prediction_log import PredictionLog
@@ -46,7 +46,7 @@ log = logging.getLogger("bentoml.serving")
 GATHER_S = 0.05  # how long requests gather before the writer thread sends them
 
 
-Request = tuple[list[str], float, str, np.ndarray]  # a request's prediction ids, time, route and images
+Offered = tuple[list[str], float, str, np.ndarray]  # a request offered: its prediction ids, time, route and images
 
 
 class Shadow:
@@ -73,7 +73,7 @@ class Shadow:
         self.on_ready, self.on_failure = on_ready, on_failure
         self.lock = threading.Lock()
         self.child: subprocess.Popen | None = None
-        self.queue: queue.Queue[Request | None] = queue.Queue(queue_requests)
+        self.queue: queue.Queue[Offered | None] = queue.Queue(queue_requests)
         self.model: ModelName | None = None  # the challenger in the child, once it said it is ready
 
     # the event loop's side: one call per answered request, never blocking
@@ -98,7 +98,7 @@ class Shadow:
         self.stop()
         command = [sys.executable, "-m", "serving.shadow", str(path), sha256, model.tag, model.version, *self.log_args]
         child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        requests: queue.Queue[Request | None] = queue.Queue(self.queue_requests)
+        requests: queue.Queue[Offered | None] = queue.Queue(self.queue_requests)
         with self.lock:
             self.child, self.queue = child, requests
         events, feed = cast(IO[bytes], child.stdout), cast(IO[bytes], child.stdin)
@@ -159,7 +159,7 @@ class Shadow:
         if crashed:
             self.on_failure(model, "crash", f"its process ended with exit code {code}")
 
-    def _feed(self, stdin: IO[bytes], requests: queue.Queue[Request | None]) -> None:
+    def _feed(self, stdin: IO[bytes], requests: queue.Queue[Offered | None]) -> None:
         with contextlib.suppress(OSError):  # the child is gone: what is queued is dropped below
             while (first := requests.get()) is not None:
                 time.sleep(GATHER_S)  # one wake-up per interval, not one per request: the worker's GIL is shared
@@ -186,7 +186,7 @@ class Shadow:
                 self.on_drop(len(left[0]))
 
 
-def write_frame(stream: IO[bytes], requests: list[Request]) -> None:
+def write_frame(stream: IO[bytes], requests: list[Offered]) -> None:
     """Requests as one frame: their ids, times and routes in the header, their images after it."""
     header = json.dumps(
         {"requests": [{"ids": ids, "time": when, "route": route} for ids, when, route, _ in requests]}
@@ -269,7 +269,7 @@ def main() -> None:
         answered = time.time()
         outputs = Outputs(columns.probabilities(rows), columns.ood_score(rows), model.out_of_distribution(rows), None)
         # each request at the champion's answer, its latency from there to the challenger's
-        logged = [(len(r["ids"]), r["time"], r["route"], (answered - r["time"]) * 1000) for r in requests]
+        logged = [Request(len(r["ids"]), r["time"], r["route"], (answered - r["time"]) * 1000) for r in requests]
         ids = [i for request in requests for i in request["ids"]]
         prediction_log.record(Pending(ids, logged, model_ms, name, None, outputs))
     prediction_log.close()

@@ -16,7 +16,7 @@ import pytest
 
 from common.log_layout import CHALLENGER, OPEN
 from common.log_queries import find_prediction, read_feedback, read_labels, read_predictions
-from common.log_records import ROW_GROUP_RECORDS, SCHEMA, ModelName, Outputs, Pending
+from common.log_records import ROW_GROUP_RECORDS, SCHEMA, ModelName, Outputs, Pending, Request
 from serving.prediction_log import (
     FLUSH_S,
     PredictionIds,
@@ -39,7 +39,7 @@ def pending(
     scores = rng.normal(0, 10, count).astype(np.float32)
     outputs = Outputs(probabilities, scores, scores > 5.0, rng.normal(0, 1, (count, 16)))
     inputs = rng.integers(0, 256, (count, 1, 28, 28), dtype=np.uint8)
-    return Pending(ids.take(count), [(count, time.time(), route, 3.5)], 1.25, model, inputs, outputs)
+    return Pending(ids.take(count), [Request(count, time.time(), route, 3.5)], 1.25, model, inputs, outputs)
 
 
 def open_log(root, drops: list, ids: PredictionIds = IDS, **changes) -> PredictionLog:
@@ -112,7 +112,7 @@ def test_an_open_files_records_read_back_as_written_when_requests_of_a_batch_sha
     batches = [pending(3, seed) for seed in range(3)]
     expected = []
     for batch in batches:
-        batch.requests = [(1, answered_at, route, 2.0), (2, answered_at, route, 4.0)]
+        batch.requests = [Request(1, answered_at, route, 2.0), Request(2, answered_at, route, 4.0)]
         log.record(batch)
         expected += [(batch.ids[0], route, 2.0), (batch.ids[1], route, 4.0), (batch.ids[2], route, 4.0)]
 
@@ -255,7 +255,7 @@ def test_feedback_keeps_the_latest_label_for_each_prediction(tmp_path):
 def test_a_window_by_time_or_by_count(tmp_path):
     log = open_log(tmp_path, [])
     first = pending(5, 1)
-    first.requests = [(5, 1000.0, "/predict", 3.5)]
+    first.requests = [Request(5, 1000.0, "/predict", 3.5)]
     second = pending(5, 2)
     log.record(first)
     log.record(second)
