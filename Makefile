@@ -51,7 +51,7 @@ DVC_REMOTE ?= $(if $(STORAGE_URL),storage)
 UI_PORT ?= 5000
 
 .PHONY: setup requirements audit test-tools run run-full storage container push pull lint test test-fast ui mlflow-server serve monitor feedback-data retrain promote rollback doctor bench \
-	bench-sweep bench-train bench-photos bench-headers bench-profile bench-views docs clean
+	bench-sweep bench-train bench-photos bench-headers bench-profile bench-connections bench-views docs clean
 
 setup: $(VENV)/.installed
 
@@ -187,6 +187,10 @@ bench-headers: setup
 # Where a worker's CPU time goes under load, by layer, with flame graphs (py-spy, installed under .bench/).
 bench-profile: setup
 	$(BIN)/python -m benchmarks.profile
+
+# How the workers share the clients' connections, and what that does to the p99.
+bench-connections: setup
+	$(BIN)/python -m benchmarks.connections
 
 # The challenger re-exported with each set of test-time views (1, 2, 5, 10) beside the distilled one-view file:
 # served accuracy and requests/s.

@@ -205,6 +205,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
         "python -m benchmarks.profile --output benchmarks/results/profile_before.json",
         "benchmarks.profile",
     ),
+    "connections": benchmark("connections.json", "make bench-connections", "benchmarks.connections"),
     "views-benchmark": benchmark("views.json", "make bench-views", "benchmarks.views"),
 }
 
