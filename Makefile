@@ -188,7 +188,7 @@ bench-headers: setup
 bench-profile: setup
 	$(BIN)/python -m benchmarks.profile
 
-# How the workers share the clients' connections, and what that does to the p99.
+# How the workers share the clients' connections, beside each run's latencies.
 bench-connections: setup
 	$(BIN)/python -m benchmarks.connections
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import psutil
 from benchmarks.local_server import REPO, LocalServer, benchmarked_service
 from benchmarks.profile import workers
 from benchmarks.publish import publish, served_model
-from benchmarks.serving import loadgen, payload_images
+from benchmarks.serving import loadgen, loadgen_command, payload_images
 
 LEVELS = [("png", 16), ("png", 64), ("png", 256), ("bulk", 2)]
 
@@ -37,11 +36,8 @@ def run(server: LocalServer, payloads: Path, kind: str, clients: int, seconds: f
     """One run: loadgen for `seconds`, the connections counted once they are all open, CPU over the whole run."""
     serving, port = workers(server), urlsplit(server.url).port
     before = [w.cpu_times() for w in serving]
-    load = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.loadgen", "--url", server.url, "--kind", kind, "--images", str(payloads),
-         "--concurrency", str(clients), "--requests", "1000000000", "--duration", str(seconds)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    command = loadgen_command(server.url, kind, payloads, clients, 10**9, seconds)
+    load = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
     time.sleep(seconds / 2)
     connections = [held(w, port) for w in serving]
     out, _ = load.communicate()

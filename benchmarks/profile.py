@@ -15,7 +15,6 @@ import argparse
 import json
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -27,7 +26,7 @@ import psutil
 from benchmarks import frameworks
 from benchmarks.local_server import REPO, LocalServer, benchmarked_service
 from benchmarks.publish import publish, served_model
-from benchmarks.serving import loadgen, payload_images
+from benchmarks.serving import loadgen, loadgen_command, payload_images
 
 FLAME_GRAPHS = REPO / "docs" / "profile"
 RATE = 200  # samples per second and thread
@@ -80,12 +79,8 @@ def profile(
     """One load level: the layers' CPU µs per request on one worker, and its flame graph."""
     serving = workers(server)
     worker, share = serving[0], 1 / len(serving)
-    load = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.loadgen", "--url", server.url, "--kind", "png", "--images",
-         str(payloads), "--concurrency", str(clients), "--requests", "1000000000", "--duration",
-         str(2 * seconds + 6)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    command = loadgen_command(server.url, "png", payloads, clients, 10**9, 2 * seconds + 6)
+    load = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
     raw, svg = folder / f"{clients}.txt", FLAME_GRAPHS / f"{name}-{clients}-clients.svg"
     record = [str(py_spy), "record", "--pid", str(worker.pid), "--rate", str(RATE), "--duration", str(int(seconds))]
     time.sleep(3)  # the load at its level

@@ -101,28 +101,35 @@ def start(name: str, folder: Path, served: Path) -> ChildServer:
     return ChildServer(command, log, "/docs", env=FASTAPI[name]).wait_ready()
 
 
+def loadgen_command(
+    url: str, kind: str, images: Path, concurrency: int, count: int, duration: float, path: str | None = None
+) -> list[str]:
+    """benchmarks/loadgen.py's command line: at most `count` requests, for at most `duration` seconds."""
+    return [
+        sys.executable,
+        "-m",
+        "benchmarks.loadgen",
+        "--url",
+        url,
+        "--kind",
+        kind,
+        "--images",
+        str(images),
+        "--concurrency",
+        str(concurrency),
+        "--requests",
+        str(count),
+        "--duration",
+        str(duration),
+        *(["--path", path] if path else []),
+    ]
+
+
 def loadgen(
     url: str, kind: str, images: Path, concurrency: int, count: int, duration: float, path: str | None = None
 ) -> dict:
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.loadgen",
-            "--url",
-            url,
-            "--kind",
-            kind,
-            "--images",
-            str(images),
-            "--concurrency",
-            str(concurrency),
-            "--requests",
-            str(count),
-            "--duration",
-            str(duration),
-            *(["--path", path] if path else []),
-        ],
+        loadgen_command(url, kind, images, concurrency, count, duration, path),
         cwd=REPO,
         capture_output=True,
         text=True,
