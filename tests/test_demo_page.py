@@ -31,9 +31,11 @@ def upload(driver, path) -> None:
     driver.find_element(By.ID, "file-input").send_keys(str(path))
 
 
-def shown_prediction(driver) -> tuple[str, dict[str, float]]:
-    """The predicted class and every bar (class name: width as a fraction of its track)."""
-    wait_for(driver, lambda d: d.find_element(By.ID, "result").is_displayed(), "the prediction")
+def shown_prediction(driver, filename: str) -> tuple[str, dict[str, float]]:
+    """The predicted class and every bar (class name: width as a fraction of its track) once the page has
+    drawn its answer for `filename`: an earlier answer stays on screen until the new one replaces it."""
+    wait_for(driver, lambda d: d.find_element(By.ID, "status").text == f"Classified {filename}.", "the prediction")
+    assert driver.find_element(By.ID, "result").is_displayed()
     bars = {}
     for bar in driver.find_elements(By.CSS_SELECTOR, "#probabilities li"):
         track = bar.find_element(By.CLASS_NAME, "track").size["width"]
@@ -54,7 +56,7 @@ def test_uploading_a_test_image_shows_what_the_model_sees_and_says(page, served_
     path = tmp_path / "test-image-0.png"
     path.write_bytes(png(image))
     upload(page, path)
-    predicted, bars = shown_prediction(page)
+    predicted, bars = shown_prediction(page, path.name)
     screenshot(page, "demo-page-prediction")
 
     expected = served_model["offline"]["int8"]["probabilities"][0]  # what the served (int8) file says offline
@@ -91,7 +93,7 @@ def test_an_image_unlike_the_training_data_is_flagged(page, served_model, tmp_pa
         path = tmp_path / f"flagged-{flagged}.png"
         path.write_bytes(png(pixels))
         upload(page, path)
-        shown_prediction(page)
+        shown_prediction(page, path.name)
         warning = page.find_element(By.ID, "out-of-distribution")
         wait_for(
             page,
@@ -125,7 +127,7 @@ def test_a_drawing_is_classified(page):
         stroke = stroke.move_by_offset(dx, dy)
     stroke.release().perform()
     page.find_element(By.ID, "classify-drawing").click()
-    predicted, bars = shown_prediction(page)
+    predicted, bars = shown_prediction(page, "drawing.png")
     screenshot(page, "demo-page-drawing")
     assert predicted in bars and sum(bars.values()) == pytest.approx(1, abs=0.03)
     pixels = model_input_pixels(page)

@@ -123,6 +123,6 @@ def test_the_demo_page_shows_the_folders_classes(shapes, tmp_path):
         wait_for(page, lambda d: "shapes" in d.find_element(By.ID, "model-card").text, "the model card")
         assert "circle, cross, square" in page.find_element(By.ID, "model-card").text
         upload(page, path)
-        predicted, bars = shown_prediction(page)
+        predicted, bars = shown_prediction(page, path.name)
         screenshot(page, "demo-page-own-dataset")
     assert list(bars) == CLASSES and predicted in CLASSES
