@@ -56,13 +56,27 @@ def test_teacher_answers_are_the_mean_over_its_views():
     assert got.shape == (20, 10)
 
 
-def test_the_student_trains_with_its_models_recipe_without_augmentation():
+def test_a_mirrored_image_gets_the_teachers_answer_for_the_image():
+    """Why the student may train on mirror images: with the mirror among the views, an image and its mirror have
+    the same views, so the teacher's answer holds for both."""
+    seed_everything(0)
+    x, _ = toy_data(20)
+    augmented = models.TestTimeAugmented(zoo_model("cnn_basic").eval(), TtaSettings(flip=True, shift=1))
+    shifts_only = models.TestTimeAugmented(augmented.net, TtaSettings(flip=False, shift=1))
+    with torch.no_grad():
+        assert torch.allclose(augmented(x.flip(-1)), augmented(x), atol=1e-5)
+        assert not torch.allclose(shifts_only(x.flip(-1)), shifts_only(x), atol=1e-3)
+
+
+@pytest.mark.parametrize(("flip", "hflip"), [(True, True), (False, False)])
+def test_the_student_trains_with_its_models_recipe_and_only_the_mirror(flip, hflip):
     raw = load_params()
     raw["distill"].update(epochs=2, lr=0.01)
+    raw["tta"]["flip"] = flip
     params = Params.from_dict(raw)
     student = student_config(params, "resnet")
     recipe = params.train_config("resnet")
-    assert (student.epochs, student.lr, student.translate, student.hflip, student.erase) == (2, 0.01, 0, False, 0.0)
+    assert (student.epochs, student.lr, student.translate, student.hflip, student.erase) == (2, 0.01, 0, hflip, 0.0)
     assert (student.optimizer, student.batch_size, student.label_smoothing) == (
         recipe.optimizer,
         recipe.batch_size,

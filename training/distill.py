@@ -21,9 +21,17 @@ CHUNK_IMAGES = 4096  # teacher answers computed (and reported) this many trainin
 
 
 def student_config(params: Params, name: str) -> TrainConfig:
-    """Model `name`'s own recipe for `distill.epochs` at `distill.lr`, with no augmentation (the teacher's answers
-    are for the images as they are) and no early stopping (the best validation epoch is kept all the same)."""
-    update = {"epochs": params.distill.epochs, "lr": params.distill.lr, "translate": 0, "hflip": False, "erase": 0.0}
+    """Model `name`'s own recipe for `distill.epochs` at `distill.lr` and no early stopping (the best validation
+    epoch is kept all the same). Its only augmentation is the mirror, where the teacher's views include it: their
+    set is then the same for an image and its mirror, and so is the teacher's answer; shifts and erasing would
+    change the answer the student is taught."""
+    update = {
+        "epochs": params.distill.epochs,
+        "lr": params.distill.lr,
+        "translate": 0,
+        "hflip": params.tta_for(name).flip,
+        "erase": 0.0,
+    }
     return params.train_config(name).model_copy(update={**update, "patience": 0})
 
 
