@@ -9,7 +9,8 @@ the order rotating from one repeat to the next, so that the machine's drift fall
 - BentoML's own adaptive batching (`batchable=True`) on the same file (benchmarks/bentoml_batchable.py);
 - the baseline users write: FastAPI + uvicorn running onnxruntime once per request (benchmarks/peer.py) on the
   fp32 file and on the int8 file, and the same app running the PyTorch model eagerly;
-- the limit: raw in-process onnxruntime at the same batch sizes, payload decoding included, per precision.
+- the limit: raw in-process onnxruntime at the same batch sizes, per precision; for bulk requests, the served
+  file parsing the same JSON bodies (benchmarks/raw_bulk.py), taken in turn with the servers' bulk runs.
 Every server runs as many workers (or instances) as the service. Single images (PNG upload and JSON) at 1, 16,
 64 and 256 clients, bulk requests of 256 images from 1 client and from one per worker, then, for our service
 only, 256 clients for 60 s, the workers' memory over 100,000 requests and the accuracy it serves over HTTP on
@@ -45,7 +46,6 @@ from common.files import read_json
 from common.model_store import EXPORT_RECORD, read_metadata
 from common.preprocess import MAX_IMAGE_PIXELS, image_to_input
 from common.runtime import OnnxClassifier
-from serving.inputs import parse_batch
 from serving.settings import threads_per_worker
 from training.progress import progress
 
@@ -57,6 +57,7 @@ FASTAPI = {  # name: the environment of benchmarks/peer.py
     "fastapi_torch": {"PEER_BACKEND": "torch"},
 }
 SERVERS = ("ours", "torchserve", "triton", "bentoml_batchable", *FASTAPI)
+LIMIT = "raw_onnxruntime"  # the row of benchmarks/raw_bulk.py, which bulk requests are set against
 COMPARED = ("torchserve", "triton", "triton_tensor", "bentoml_batchable", "fastapi_onnx_int8")  # ours / each
 DATASET = REPO / "data" / "prepared" / "dataset.npz"
 WORKERS = int(os.environ.get("SERVING_WORKERS", str(os.cpu_count() or 1)))
@@ -128,14 +129,12 @@ def loadgen_command(
 def loadgen(
     url: str, kind: str, images: Path, concurrency: int, count: int, duration: float, path: str | None = None
 ) -> dict:
-    done = subprocess.run(
-        loadgen_command(url, kind, images, concurrency, count, duration, path),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=duration + 300,
-    )
+    return json_line(loadgen_command(url, kind, images, concurrency, count, duration, path), duration + 300)
+
+
+def json_line(command: list[str], timeout: float) -> dict:
+    """The JSON line a run's process prints last."""
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True, timeout=timeout)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -154,12 +153,10 @@ def server_rss(server: ChildServer) -> int:
 
 
 def raw_onnxruntime(path: Path, images: np.ndarray, repeats: int) -> dict:
-    """The limit: the model in-process with the service's session options, decoding included: a PNG per
-    image at batch 1, a JSON body at batch 256, both through the service's own decoding code."""
+    """The model in-process with the service's session options: a PNG per image at batch 1, through the service's
+    own decoding code, and batches of 256 given as arrays (JSON bodies: benchmarks/raw_bulk.py)."""
     model = OnnxClassifier(str(path), device="cpu", threads=os.cpu_count())
     pngs = [png_file(image) for image in images[:200]]
-    body = json.dumps({"images": images[:256].tolist()}).encode()
-    shape = (1, *images.shape[1:])
     fit = (model.image_shape[-1], int(model.metadata["upload_fit"]))
     model.warm_up(4)
 
@@ -177,7 +174,6 @@ def raw_onnxruntime(path: Path, images: np.ndarray, repeats: int) -> dict:
             lambda: [model.outputs(image_to_input(data, *fit, MAX_IMAGE_PIXELS)[None]) for data in pngs],
             len(pngs),
         ),
-        "json_batch_256_images_per_s": per_second(lambda: model.outputs(parse_batch(body, 1024, shape)), 256),
         "session_run_batch_256_images_per_s": per_second(lambda: model.outputs(images[:256, None]), 256),
     }
 
@@ -201,6 +197,23 @@ class Target:
     url: str
     requests: dict[str, tuple[str, str | None]]
 
+    def run(self, kind: str, payloads: Path, concurrency: int, count: int, duration: float) -> dict:
+        load, path = self.requests[kind]
+        return loadgen(self.url, load, payloads, concurrency, count, duration, path)
+
+
+@dataclass(frozen=True)
+class RawBulk(Target):
+    """The limit bulk requests are set against (benchmarks/raw_bulk.py), as a row taken in turn with the servers:
+    one process, whatever the number of clients."""
+
+    model: Path = EXPORT_INT8
+
+    def run(self, kind: str, payloads: Path, concurrency: int, count: int, duration: float) -> dict:
+        command = [sys.executable, "-m", "benchmarks.raw_bulk", "--model", str(self.model), "--images", str(payloads)]
+        command += ["--requests", str(count), "--duration", str(duration)]
+        return json_line(command, duration + 300)
+
 
 def targets_of(name: str, server: ChildServer) -> list[Target]:
     kinds = {kind: (kind, server.routes.get(kind)) for kind in ("png", "json", "bulk")}
@@ -217,16 +230,14 @@ def interleaved(targets: list[Target], kind: str, concurrency: int, count: int, 
     for repeat in range(args.repeats):
         shift = repeat % len(active)
         for target in active[shift:] + active[:shift]:
-            load, path = target.requests[kind]
-            runs[target.name].append(loadgen(target.url, load, payloads, concurrency, count, args.duration, path))
+            runs[target.name].append(target.run(kind, payloads, concurrency, count, args.duration))
     return runs
 
 
 def warm_up(targets: list[Target], payloads: Path) -> None:
     """A few seconds of load on each target, not reported."""
     for target in targets:
-        load, path = target.requests["png"]
-        loadgen(target.url, load, payloads, 16, 500, 5, path)
+        target.run("png", payloads, 16, 500, 5)
 
 
 def paired_ratios(ours: list[dict], peer: list[dict]) -> dict:
@@ -237,9 +248,10 @@ def paired_ratios(ours: list[dict], peer: list[dict]) -> dict:
     }
 
 
-def measure_points(targets: list[Target], args, payloads: Path, results: dict) -> None:
-    """Every load point on every target, and ours over each compared peer."""
-    measured: dict = {t.name: {"png": {}, "json": {}} for t in targets}
+def measure_points(targets: list[Target], limit: RawBulk, args, payloads: Path, results: dict) -> None:
+    """Every load point on every target, bulk requests on the limit too, and ours over each compared peer and
+    over the limit."""
+    measured: dict = {t.name: {"png": {}, "json": {}} for t in [*targets, limit]}
     ratios: dict = {}
     plan = [(kind, c) for kind in ("png", "json") for c in args.concurrency]
     for kind, concurrency in progress(plan, desc="load points", unit="point"):
@@ -250,10 +262,14 @@ def measure_points(targets: list[Target], args, payloads: Path, results: dict) -
                 by_kind = ratios.setdefault(name, {}).setdefault(kind, {})
                 by_kind[str(concurrency)] = paired_ratios(runs["ours"], name_runs)
     for clients in BULK_CLIENTS:
-        for name, name_runs in interleaved(targets, "bulk", clients, 200, args, payloads).items():
+        runs = interleaved([*targets, limit], "bulk", clients, 200, args, payloads)
+        for name, name_runs in runs.items():
             bulk = median_of(name_runs)
             bulk["images_per_s"] = bulk["requests_per_s"] * 256
             measured[name].setdefault("bulk", {})[str(clients)] = bulk
+        if "ours" in runs:
+            bulk_vs_raw = paired_ratios(runs["ours"], runs[limit.name])["requests_per_s"]
+            results.setdefault("bulk_vs_raw", {})[str(clients)] = bulk_vs_raw
     results["servers"], results["ratios"] = measured, ratios
 
 
@@ -294,6 +310,8 @@ LEGEND = {
     "fastapi_onnx_fp32": "FastAPI + onnxruntime once per request, fp32 file (benchmarks/peer.py)",
     "fastapi_onnx_int8": "FastAPI + onnxruntime once per request, int8 file",
     "fastapi_torch": "FastAPI + the PyTorch model, eager",
+    LIMIT: "the limit for bulk requests: the served file in-process, a thread per CPU, JSON parsed by "
+    "the service's code, one request after another (benchmarks/raw_bulk.py); taken in turn with the servers",
 }
 
 
@@ -345,11 +363,11 @@ def table(results: dict) -> str:
     lines += ["", "| bulk: 256 images per request | images/s | p99 ms | errors |", "|---|---:|---:|---:|"]
     for name, measured in servers.items():
         for clients, b in measured.get("bulk", {}).items():
-            who = f"{name}, {clients_named(clients)}"
+            turn = "in turn with the runs at " if name == LIMIT else ""
+            who = f"{name}, {turn}{clients_named(clients)}"
             lines.append(f"| {who} | {b['images_per_s']:.0f} | {b['p99_ms']:.1f} | {b['errors']} |")
     for raw in results["raw_onnxruntime"].values():
         p = raw["precision"]
-        lines.append(f"| raw onnxruntime {p}, JSON decoding included | {raw['json_batch_256_images_per_s']:.0f} | | |")
         lines.append(f"| raw onnxruntime {p}, session.run only | {raw['session_run_batch_256_images_per_s']:.0f} | | |")
         lines.append(
             f"| raw onnxruntime {p}, batch 1, PNG decoding included | {raw['png_batch_1_images_per_s']:.0f} | | |"
@@ -359,7 +377,8 @@ def table(results: dict) -> str:
         ratios = ", ".join(
             f"{ratio:.2f} at {clients_named(clients)}" for clients, ratio in results["bulk_vs_raw"].items()
         )
-        lines.append(f"bulk, ours / raw onnxruntime {model['served_precision']} with JSON decoding: {ratios}")
+        precision = model["served_precision"]
+        lines.append(f"bulk, ours / raw onnxruntime {precision} with JSON decoding, runs paired: {ratios}")
     if "soak" in results:
         s = results["soak"]
         lines.append(
@@ -428,19 +447,14 @@ def main() -> None:
             ):
                 targets += targets_of(name, peers.enter_context(start(name, folder, served_file)))
             warm_up(targets, folder / "images.npy")
-            measure_points(targets, args, folder / "images.npy", results)
+            limit = RawBulk(LIMIT, "", {"bulk": ("bulk", None)}, served_file)
+            measure_points(targets, limit, args, folder / "images.npy", results)
         if "ours" in args.servers:
             served = measure_ours(ours, args, folder / "images.npy", results)
     results["raw_onnxruntime"] = {
         precision: raw_onnxruntime(path, images, repeats=5)
         for precision, path in (("fp32", EXPORT), ("int8", EXPORT_INT8))
     }
-    if "ours" in results["servers"]:
-        raw = results["raw_onnxruntime"][results["model"]["served_precision"]]
-        results["bulk_vs_raw"] = {
-            clients: bulk["images_per_s"] / raw["json_batch_256_images_per_s"]
-            for clients, bulk in results["servers"]["ours"]["bulk"].items()
-        }
     print(f"serving benchmark: {os.cpu_count()} CPUs, {WORKERS} workers per server, medians of {args.repeats} runs")
     publish(results, table(results), args.output, served)
 
