@@ -123,7 +123,8 @@ async def run(
     errors = {status: count for status, count in statuses.items() if not status.startswith("2")}
     result = summary(path, concurrency, latencies, elapsed, errors)
     first_ms = sorted(1000 * x for x in firsts)
-    result["first_requests"] = {"p50_ms": statistics.median(first_ms), "max_ms": first_ms[-1]}
+    first = {"requests": len(first_ms), "p50_ms": statistics.median(first_ms), "max_ms": first_ms[-1]}
+    result["first_requests"] = first
     return result
 
 

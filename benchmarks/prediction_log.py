@@ -30,7 +30,9 @@ def serve(folder: Path, name: str, **env: str) -> LocalServer:
 
 
 def answered(run: dict) -> int:
-    return run["requests"] - sum(run["errors"].values())
+    """The requests a run's server answered 200, its clients' first requests included (loadgen's errors count
+    theirs too)."""
+    return run["requests"] + run["first_requests"]["requests"] - sum(run["errors"].values())
 
 
 def dropped(url: str) -> float:
