@@ -207,7 +207,7 @@ class RawBulk(Target):
     """The limit bulk requests are set against (benchmarks/raw_bulk.py), as a row taken in turn with the servers:
     one process, whatever the number of clients."""
 
-    model: Path = EXPORT_INT8
+    model: Path
 
     def run(self, kind: str, payloads: Path, concurrency: int, count: int, duration: float) -> dict:
         command = [sys.executable, "-m", "benchmarks.raw_bulk", "--model", str(self.model), "--images", str(payloads)]
