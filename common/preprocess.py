@@ -90,7 +90,13 @@ def to_model_input(image: Image.Image, size: int, fit: int) -> np.ndarray:
     the way its EXIF orientation says: a phone stores a portrait photo's pixels sideways and sets that tag."""
     with _as_image_errors():
         ImageOps.exif_transpose(image, in_place=True)
-        pixels = dark_background(to_grey(image))
+        grey = to_grey(image)
+    return grey_to_input(grey, size, fit)
+
+
+def grey_to_input(pixels: np.ndarray, size: int, fit: int) -> np.ndarray:
+    """Grey uint8 pixels [H, W], turned upright already, to the uint8 array [1, size, size] the model takes."""
+    pixels = dark_background(pixels)
     if pixels.shape != (size, size):
         pixels = fit_and_centre(pixels, size, fit)
     return pixels[None]

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import orjson
+import pyspng
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
+
+PNG_START = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"  # the signature, then the IHDR chunk's length and type
+GREY_8_BIT = b"\x08\x00"  # IHDR's bit depth and colour type for 8-bit grey
+EXIF_MARKS = (b"eXIf", b"Raw profile type exif")  # the chunk, and the text chunk keyword, that Pillow reads EXIF from
 
 
 class ClientError(Exception):
@@ -110,3 +115,18 @@ def _one_image(index: int, image: object, shape: tuple[int, ...]) -> np.ndarray:
             f"image {index} must be {shape[1]}x{shape[2]} or {pixels} values; got shape {list(values.shape)}"
         )
     return values.reshape(shape).astype(np.float64)
+
+
+def grey_png_pixels(data: bytes, max_pixels: int) -> np.ndarray | None:
+    """The pixels [H, W] of an 8-bit grey PNG of at most `max_pixels` that carries no EXIF (so no orientation
+    to apply), decoded by libspng at a tenth of Pillow's cost per upload (docs/results.md); None for any other
+    upload, or a file libspng cannot decode: Pillow opens those, and names what is wrong with a bad one. Both
+    decoders give these files' pixels exactly, as PNG is lossless and neither applies gamma."""
+    if not data.startswith(PNG_START) or data[24:26] != GREY_8_BIT or any(mark in data for mark in EXIF_MARKS):
+        return None
+    if int.from_bytes(data[16:20]) * int.from_bytes(data[20:24]) > max_pixels:
+        return None
+    try:
+        return pyspng.load(data)
+    except RuntimeError:
+        return None

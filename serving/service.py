@@ -30,12 +30,12 @@ from pydantic import Field
 from common.log_records import Outputs, Pending, Request
 from common.model_source import ensure_model
 from common.model_store import MODEL_FILES, ModelMissingError, served_record
-from common.preprocess import ImageError, open_image, to_model_input
+from common.preprocess import ImageError, grey_to_input, open_image, to_model_input
 from common.runtime import ProviderError, choose_precision, require_cuda
 from serving.batcher import Answered, MicroBatcher
 from serving.direct import DirectPredictions
 from serving.follow import Follower
-from serving.inputs import ClientError, images_to_array, parse_batch
+from serving.inputs import ClientError, grey_png_pixels, images_to_array, parse_batch
 from serving.limits import ApiRequestGuard, HeaderLimit
 from serving.metrics import BATCH_SIZES, LOG_DROPPED, LOG_UPLOAD_FAILURES
 from serving.prediction_log import PredictionIds, PredictionLog
@@ -211,9 +211,12 @@ class Classifier:
 
     async def decode(self, data: bytes) -> np.ndarray:
         """An upload to a model input [1,1,28,28]; large images are decoded off the event loop."""
+        size = self.image_shape[-1]
+        pixels = grey_png_pixels(data, min(INLINE_PIXELS, self.settings.max_image_pixels))
+        if pixels is not None:
+            return grey_to_input(pixels, size, self.upload_fit)[None]
         try:
             image = open_image(data, self.settings.max_image_pixels)
-            size = self.image_shape[-1]
             if image.width * image.height <= INLINE_PIXELS:
                 return to_model_input(image, size, self.upload_fit)[None]
             return (await anyio.to_thread.run_sync(to_model_input, image, size, self.upload_fit))[None]

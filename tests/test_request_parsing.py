@@ -1,21 +1,29 @@
 """Request bodies and limits, in-process on a real Starlette app: serving/inputs.py, limits.py, direct.py and oip.py."""
 
+import io
+import struct
+import zlib
+
 import numpy as np
 import orjson
 import pytest
 import requests
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from common.preprocess import MAX_IMAGE_PIXELS, grey_to_input, image_to_input
 from serving.direct import multipart_boundary, single_file
-from serving.inputs import ClientError, images_to_array, parse_batch, read_upload
+from serving.inputs import ClientError, grey_png_pixels, images_to_array, parse_batch, read_upload
 from serving.limits import ApiRequestGuard, BodyLimit, HeaderLimit
 from serving.oip import input_images, requested_output, split_request
 
 SHAPE = (1, 28, 28)
+PIXELS = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
 
 
 async def upload_size(request: Request) -> Response:
@@ -172,3 +180,57 @@ def test_the_direct_route_takes_one_file_in_the_image_field_and_leaves_every_oth
         assert single_file(*multipart_body(**other), b"image") is None, other
     assert single_file(body[:-10], boundary, b"image") is None  # truncated
     assert multipart_boundary(b"application/json") is None
+
+
+def png(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **options)
+    return buffer.getvalue()
+
+
+def with_chunk(data: bytes, kind: bytes, body: bytes) -> bytes:
+    """`data` with a chunk inserted after IHDR (which ends at byte 33)."""
+    crc = zlib.crc32(kind + body).to_bytes(4)
+    return data[:33] + len(body).to_bytes(4) + kind + body + crc + data[33:]
+
+
+GREY_PNGS = {
+    "dataset size": png(Image.fromarray(PIXELS)),
+    "light background, other size": png(Image.fromarray(255 - np.kron(PIXELS[:20, :15], np.ones((3, 2), np.uint8)))),
+    "no compression": png(Image.fromarray(PIXELS), compress_level=0),
+    "gamma chunk": with_chunk(png(Image.fromarray(PIXELS)), b"gAMA", struct.pack(">I", 100_000)),
+}
+
+
+@pytest.mark.parametrize("data", GREY_PNGS.values(), ids=GREY_PNGS.keys())
+def test_libspng_decodes_8_bit_grey_pngs_to_pillows_model_input(data):
+    pixels = grey_png_pixels(data, MAX_IMAGE_PIXELS)
+    assert pixels is not None
+    np.testing.assert_array_equal(grey_to_input(pixels, 28, 20), image_to_input(data, 28, 20, MAX_IMAGE_PIXELS))
+
+
+def text_chunk(keyword: str, text: str) -> PngInfo:
+    info = PngInfo()
+    info.add_text(keyword, text, zip=True)
+    return info
+
+
+ORIENTED = Image.Exif()
+ORIENTED[0x0112] = 6  # rotated: only Pillow's path turns it upright
+OTHER_FILES = {
+    "EXIF chunk": png(Image.fromarray(PIXELS), exif=ORIENTED),
+    "EXIF as text": png(Image.fromarray(PIXELS), pnginfo=text_chunk("Raw profile type exif", "exif")),
+    **{mode: png(Image.fromarray(PIXELS).convert(mode)) for mode in ("RGB", "P", "1", "LA")},
+    "16-bit grey": png(Image.fromarray(PIXELS.astype(np.uint16) * 257)),
+    "truncated": png(Image.fromarray(PIXELS))[:60],
+    "JPEG": b"\xff\xd8\xff" + bytes(100),
+}
+
+
+@pytest.mark.parametrize("data", OTHER_FILES.values(), ids=OTHER_FILES.keys())
+def test_every_other_upload_is_left_to_pillow(data):
+    assert grey_png_pixels(data, MAX_IMAGE_PIXELS) is None
+
+
+def test_a_grey_png_over_the_pixel_bound_is_left_to_pillow_which_checks_the_limit():
+    assert grey_png_pixels(GREY_PNGS["dataset size"], 28 * 28 - 1) is None
