@@ -33,7 +33,7 @@ RATE = 200  # samples per second and thread
 # layer: patterns of a frame's file, the innermost frame that matches one naming the layer of a sample
 LAYERS = {
     "onnxruntime": ["/onnxruntime/"],
-    "decoding (PIL)": ["/PIL/", "common/preprocess.py"],
+    "decoding": ["/PIL/", "/pyspng/", "common/preprocess.py"],
     "multipart parsing": ["multipart", "formparsers.py"],
     "JSON and validation": ["/json/", "orjson", "/pydantic", "serving/inputs.py"],
     "metrics": ["prometheus_client", "serving/metrics.py"],
