@@ -119,12 +119,15 @@ def _one_image(index: int, image: object, shape: tuple[int, ...]) -> np.ndarray:
 
 def grey_png_pixels(data: bytes, max_pixels: int) -> np.ndarray | None:
     """The pixels [H, W] of an 8-bit grey PNG of at most `max_pixels` that carries no EXIF (so no orientation
-    to apply), decoded by libspng at a tenth of Pillow's cost per upload (docs/results.md); None for any other
-    upload, or a file libspng cannot decode: Pillow opens those, and names what is wrong with a bad one. Both
-    decoders give these files' pixels exactly, as PNG is lossless and neither applies gamma."""
-    if not data.startswith(PNG_START) or data[24:26] != GREY_8_BIT or any(mark in data for mark in EXIF_MARKS):
+    to apply), decoded by libspng without Pillow's Python per file (the decoding layer of docs/results.md's
+    worker profile); None for any other upload, or a file libspng cannot decode: Pillow opens those, and names
+    what is wrong with a bad one. Both decoders give these files' pixels exactly, as PNG is lossless and
+    neither applies gamma."""
+    if not data.startswith(PNG_START) or data[24:26] != GREY_8_BIT:
         return None
     if int.from_bytes(data[16:20]) * int.from_bytes(data[20:24]) > max_pixels:
+        return None  # before the search below, which a large file would make long
+    if any(mark in data for mark in EXIF_MARKS):
         return None
     try:
         return pyspng.load(data)
