@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,13 @@ from typing import Self
 
 import requests
 
+from common.ports import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(host, 1)[0]
 
 
 class ChildServer:
@@ -41,7 +40,7 @@ class ChildServer:
         env: dict[str, str] | None = None,
         host: str = "127.0.0.1",
     ):
-        self.port = port or free_port()
+        self.port = port or free_port(host)
         self.routes: dict[str, str] = {}
         self.url = f"http://{host}:{self.port}"
         self.ready_path = ready_path

@@ -12,7 +12,6 @@ SeaweedFS's usage reports stay off (`-master.telemetry=false`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import secrets
@@ -22,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.ports import free_ports
 from common.private_files import ExposedSecretError, read_private, write_private
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,15 +95,6 @@ def advertised_address(host: str) -> str:
     if host != ALL_INTERFACES:
         return host
     return str(socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)[0][4][0])
-
-
-def free_ports(host: str, count: int) -> list[int]:
-    """`count` distinct ports free on `host` now."""
-    with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
 
 
 def weed_command(folder: Path, host: str, s3_port: int, bucket: str) -> list[str]:

@@ -158,14 +158,15 @@ def nginx(folder: Path):
 
 
 class Load:
-    """`CLIENTS` clients posting test images to /predict through nginx, one request at a time each, until stopped:
-    every answer's status, prediction id, image index and the time it came."""
+    """`CLIENTS` clients posting test images to /predict through nginx, one request at a time each, until stopped
+    (at the latest when its block ends, so that a failed test leaves no client running): every answer's status,
+    prediction id, image index and the time it came."""
 
     def __init__(self, url: str, images: list[bytes]):
         self.url, self.images = url, images
         self.answers: list[tuple[int, str | None, int, float]] = []
         self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._client, args=(n,)) for n in range(CLIENTS)]
+        self.threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(CLIENTS)]
         for thread in self.threads:
             thread.start()
 
@@ -189,6 +190,12 @@ class Load:
         for thread in self.threads:
             thread.join(timeout=120)
         return self.answers
+
+    def __enter__(self) -> Load:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
 
 def test_two_replicas_behind_nginx_survive_a_killed_replica_and_a_store_outage(served_model, tmp_path, monkeypatch):
@@ -214,16 +221,16 @@ def test_two_replicas_behind_nginx_survive_a_killed_replica_and_a_store_outage(s
                 prometheus.wait_for(f'up{{instance="{target}"}}', lambda up: up == 1)
             with nginx(tmp_path) as url:
                 started = time.monotonic()
-                load = Load(url, images)
-                time.sleep(KILL_AT_S)
-                killed_at = time.time()
-                replicas["replica-1"].kill()
-                time.sleep(STORE_DOWN_S[0] - KILL_AT_S)
-                store.close()
-                time.sleep(STORE_DOWN_S[1] - STORE_DOWN_S[0])
-                store = start_storage(tmp_path / "storage", port=store.server.port, host=f"{SUBNET}.1")
-                time.sleep(max(0.0, LOAD_S - (time.monotonic() - started)))
-                answers = load.stop()
+                with Load(url, images) as load:
+                    time.sleep(KILL_AT_S)
+                    killed_at = time.time()
+                    replicas["replica-1"].kill()
+                    time.sleep(STORE_DOWN_S[0] - KILL_AT_S)
+                    store.close()
+                    time.sleep(STORE_DOWN_S[1] - STORE_DOWN_S[0])
+                    store = start_storage(tmp_path / "storage", port=store.server.port, host=f"{SUBNET}.1")
+                    time.sleep(max(0.0, LOAD_S - (time.monotonic() - started)))
+                    answers = load.stop()
                 replicas["replica-1"].start()  # as a supervisor would: it closes and uploads what the killed one left
 
                 # Prometheus saw the killed replica down, and the other's uploads fail while the store was away

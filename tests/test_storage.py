@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from benchmarks.local_server import free_port
+from common.ports import ephemeral_ports
 from common.storage import BUCKET, credential_files, read_env_file
 from tests.conftest import REPO
 from tests.pipeline_fixtures import VENV_BIN, clone_of_a_run, make, make_target, run, with_environment
@@ -36,8 +37,10 @@ def test_make_storage_serves_a_bucket_on_loopback_only_with_credentials_it_made(
         wait_for_bucket(env)
         weed = weed_process(folder)
         assert "-master.telemetry=false" in weed.cmdline()
-        listening = {c.laddr.ip for c in weed.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
-        assert listening == {"127.0.0.1"}
+        listening = [c.laddr for c in weed.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        assert {address.ip for address in listening} == {"127.0.0.1"}
+        # outside the range outgoing connections take ports from, so that a restart finds its ports free
+        assert not {address.port for address in listening} & set(ephemeral_ports())
 
         s3_client(env).put_object(Bucket=BUCKET, Key="kept.txt", Body=b"kept")
         wrong = s3_client({**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"})
