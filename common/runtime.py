@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -20,7 +21,8 @@ log = logging.getLogger("bentoml.serving")  # shown by BentoML's log config
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-OUTPUT_NAMES = ("logits", "probabilities", "ood_score", "embedding")  # the exported graph's (training/export.py)
+INPUT_NAME = "images"  # the exported graph's input and outputs, as training/export.py names them
+OUTPUT_NAMES = ("logits", "probabilities", "ood_score", "embedding")
 
 
 def gpu_present() -> bool:
@@ -248,3 +250,13 @@ class OnnxClassifier:
         sizes = [*range(1, max_batch_size + 1), *([max_request_images] if max_request_images > max_batch_size else [])]
         for size in sizes:
             self.outputs(np.zeros((size, *self.image_shape), dtype=np.uint8))
+
+
+def onnx_outputs(path: Path, images: np.ndarray, batch_size: int = 1000) -> dict[str, np.ndarray]:
+    """Every output of an exported graph for `images`, from onnxruntime on the CPU as the service runs it."""
+    session = ort.InferenceSession(str(path), providers=[CPU])
+    batches = [
+        session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i : i + batch_size]})
+        for i in range(0, len(images), batch_size)
+    ]
+    return {name: np.concatenate([b[k] for b in batches]) for k, name in enumerate(OUTPUT_NAMES)}

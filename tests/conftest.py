@@ -91,8 +91,8 @@ def storage(tmp_path_factory):
 def served_model(tmp_path_factory) -> dict:
     """A small model trained briefly, exported as the export stage exports and saved in a throwaway BentoML
     store: for serving tests. `offline`: every output of each file for the first 1,000 test images."""
+    from common.runtime import onnx_outputs
     from tests.serving_fixtures import small_model, store_model
-    from training.export import onnx_outputs
 
     folder = tmp_path_factory.mktemp("serving")
     files, small = small_model(folder)

@@ -6,9 +6,9 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
 from common.model_store import read_metadata
+from common.runtime import onnx_outputs
 from tests.browser import chromium, screenshot, wait_for
 from tests.serving_fixtures import contrast_images, png, serving
-from training.export import onnx_outputs
 
 pytestmark = pytest.mark.slow
 

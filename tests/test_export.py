@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from common.model_store import read_metadata
+from common.runtime import OUTPUT_NAMES
 from tests.conftest import REPO, zoo_model
 from training.config import TtaSettings, load_params
-from training.export import OUTPUT_NAMES, ParityError, ServingModel, add_metadata, check_parity, export_onnx
+from training.export import ParityError, ServingModel, add_metadata, check_parity, export_onnx
 from training.models import TestTimeAugmented
 from training.ood import RelativeMahalanobis, features
 

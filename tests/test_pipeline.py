@@ -12,11 +12,11 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from common.runtime import onnx_outputs
 from tests.pipeline_fixtures import VENV_BIN, ZOO, run, zoo_runs
 from training.checkpoint import load_trained
 from training.config import Params
 from training.data import Prepared
-from training.export import onnx_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -154,7 +154,7 @@ def test_champion_is_the_best_on_validation_and_registered(pipeline):
 PYFUNC = """
 import json, mlflow, numpy as np
 from training.data import Prepared
-from training.export import onnx_outputs
+from common.runtime import onnx_outputs
 mlflow.set_tracking_uri("sqlite:///mlflow.db")
 model = mlflow.pyfunc.load_model("models:/fashion-mnist-classifier@champion")
 images = Prepared.load("data/prepared/dataset.npz").images("test")

@@ -8,8 +8,8 @@ import torch
 from onnx import numpy_helper
 
 from common.model_store import read_metadata
+from common.runtime import onnx_outputs
 from tests.serving_fixtures import contrast_images, export_small, small_net
-from training.export import onnx_outputs
 from training.ood import auroc
 from training.quantize import QuantizationGateError, int8_gate, ood_only_nodes, quantize_int8
 

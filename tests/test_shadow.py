@@ -18,11 +18,11 @@ import psutil
 import pytest
 import requests
 
+from common.runtime import onnx_outputs
 from tests.conftest import copy_repo
 from tests.pipeline_fixtures import VENV_BIN
 from tests.registry_fixtures import REGISTERED, every_worker, register_version, set_alias, shadowed
 from tests.serving_fixtures import metric_samples, predict_batch, serving, small_model, small_net, store_model
-from training.export import onnx_outputs
 
 pytestmark = pytest.mark.slow
 TOKEN = "shadow-test-token"

@@ -15,10 +15,11 @@ import numpy as np
 from common.model_store import INT8_FILE, ONNX_FILE, REFERENCE_FILE
 from common.probe import METADATA_KEY as PROBE_KEY
 from common.probe import PROBE_IMAGES, probe_record
+from common.runtime import onnx_outputs
 from common.statistics import input_statistics
 from training.config import ExportSettings
 from training.data import Prepared, save_npz
-from training.export import ServingModel, add_metadata, check_parity, export_onnx, onnx_outputs
+from training.export import ServingModel, add_metadata, check_parity, export_onnx
 from training.models import TestTimeAugmented
 from training.ood import RelativeMahalanobis, calibrate, features
 from training.quantize import QuantizationGateError, int8_gate, quantize_int8

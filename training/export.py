@@ -11,14 +11,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from common.runtime import INPUT_NAME, OUTPUT_NAMES
 from training.datasets import IMAGE_SHAPE
 from training.errors import PipelineError
 from training.models import TestTimeAugmented
 from training.ood import RelativeMahalanobis
 from training.progress import progress as progress_of
-
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "probabilities", "ood_score", "embedding")
 
 
 class ParityError(PipelineError):
@@ -88,16 +86,6 @@ def add_metadata(path: Path, values: dict[str, object]) -> None:
     props = {p.key: p.value for p in proto.metadata_props}
     props.update({key: value if isinstance(value, str) else json.dumps(value) for key, value in values.items()})
     save_checked(proto, path, props)
-
-
-def onnx_outputs(path: Path, images: np.ndarray, batch_size: int = 1000) -> dict[str, np.ndarray]:
-    """Every output of the exported graph for `images`, from onnxruntime on the CPU as the service runs it."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    batches = [
-        session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[i : i + batch_size]})
-        for i in range(0, len(images), batch_size)
-    ]
-    return {name: np.concatenate([b[k] for b in batches]) for k, name in enumerate(OUTPUT_NAMES)}
 
 
 def check_parity(

@@ -14,11 +14,10 @@ from typing import get_args
 import numpy as np
 
 from common.model_store import MODEL_FILES
-from common.runtime import choose_precision
+from common.runtime import choose_precision, onnx_outputs
 from training.config import GateMode, GateSettings
 from training.data import Prepared
 from training.errors import ConfigError
-from training.export import onnx_outputs
 from training.paired import Paired, compare
 
 TEST = "test"

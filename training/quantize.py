@@ -10,8 +10,9 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
+from common.runtime import INPUT_NAME
 from training.errors import PipelineError
-from training.export import INPUT_NAME, save_checked
+from training.export import save_checked
 
 CALIBRATION_BATCH = 64
 

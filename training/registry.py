@@ -23,6 +23,7 @@ from common.registry import (
     run_files,
     version_of,
 )
+from common.runtime import INPUT_NAME, onnx_outputs
 from training import tracking
 from training.errors import PipelineError
 
@@ -47,8 +48,6 @@ def signature(onnx_file: Path, example: np.ndarray):
     embedding out, named as the graph names them, inferred from its answers to `example`."""
     from mlflow.models import infer_signature
 
-    from training.export import INPUT_NAME, onnx_outputs
-
     return infer_signature({INPUT_NAME: example}, onnx_outputs(onnx_file, example))
 
 
@@ -56,8 +55,6 @@ def register(name: str, run_id: str, onnx_file: Path, example: np.ndarray, tags:
     """The ONNX file as a new version of `name`, logged in the challenger's run with its signature and
     `example` images as input example, with `tags`."""
     import onnx
-
-    from training.export import INPUT_NAME
 
     with tracking.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
