@@ -18,7 +18,14 @@ from starlette.testclient import TestClient
 
 from common.preprocess import MAX_IMAGE_PIXELS, grey_to_input, image_to_input
 from serving.direct import multipart_boundary, single_file
-from serving.inputs import ClientError, grey_png_pixels, images_to_array, parse_batch, read_upload
+from serving.inputs import (
+    ClientError,
+    grey_png_pixels,
+    images_to_array,
+    integers_only,
+    parse_batch,
+    read_upload,
+)
 from serving.limits import ApiRequestGuard, BodyLimit, HeaderLimit
 from serving.oip import input_images, requested_output, split_request
 
@@ -77,6 +84,43 @@ def test_a_batch_takes_rows_or_flat_images_and_names_the_first_bad_one():
         images_to_array([rows.tolist()] * 5, 4, SHAPE)
     with pytest.raises(ClientError, match="not valid JSON"):
         parse_batch(b"{", 4, SHAPE)
+
+
+def outcome(convert) -> tuple[str, object]:
+    try:
+        return "array", convert().tobytes()
+    except ClientError as exc:
+        return "error", exc.message
+
+
+ROWS = orjson.dumps((np.arange(784).reshape(28, 28) % 256).tolist()).decode()
+FLAT = orjson.dumps(list(range(784))).decode().replace("783", "7")
+
+
+@pytest.mark.parametrize(
+    ("images", "integers"),
+    [
+        (f"[{ROWS}]", True),
+        (f"[{ROWS}, {FLAT}]", True),  # rows and a flat image: ragged for one array
+        (f"[{ROWS.replace('255', '300')}]", True),
+        (f"[{ROWS.replace('[0,', '[-1,', 1)}]", True),
+        (f"[{ROWS.replace('255', str(2**70))}]", True),  # past int64
+        ("[[1, 2, 3]]", True),
+        ("[{}]", True),
+        (f"[{ROWS.replace('255', '255.0')}]", False),
+        (f"[{ROWS.replace('255', '2.5e2')}]", False),
+        (f"[{ROWS.replace('255', 'true')}]", False),
+        (f"[{ROWS.replace('255', 'null')}]", False),
+        (f"[{ROWS.replace('255', chr(34) + '7' + chr(34))}]", False),
+        (f'[{ROWS}], "note": "a string in another key"', False),
+    ],
+)
+def test_a_batch_of_integers_alone_converts_as_any_other_batch(images, integers):
+    """Bodies of integers and lists convert without NumPy's type search, with the same array or error."""
+    body = f'{{"images": {images}}}'.encode()
+    assert integers_only(body) is integers
+    general = outcome(lambda: images_to_array(orjson.loads(body)["images"], 4, SHAPE))
+    assert outcome(lambda: parse_batch(body, 4, SHAPE)) == general
 
 
 def test_oip_tensors_binary_or_json_become_the_same_images():
